@@ -8,10 +8,29 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def _new_sibling(final: Path, suffix: str, directory: bool) -> Path:
+    """Create a uniquely named hidden sibling of ``final`` (a file or a directory).
+
+    Unlike ``tempfile.mkstemp``/``mkdtemp`` (always 0600/0700), the mode is what a plain
+    ``open``/``mkdir`` gives under the user's umask, so the renamed output is not private.
+    """
+    for _ in range(1000):
+        tmp = final.parent / f".{final.name}.{secrets.token_hex(6)}{suffix}"
+        try:
+            if directory:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"could not create a temporary name next to {final}")
 
 
 @contextlib.contextmanager
@@ -23,9 +42,7 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".part{suffix}", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_sibling(final, f".part{suffix}", directory=False)
     try:
         yield tmp_path
         os.replace(tmp_path, final)
@@ -44,7 +61,7 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     if final.exists():
         raise FileExistsError(f"{final} already exists; refusing to overwrite a directory")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+    tmp = _new_sibling(final, ".part", directory=True)
     try:
         yield tmp
         os.replace(tmp, final)

@@ -23,6 +23,8 @@ _AXIS_LETTERS = (("L", "R"), ("P", "A"), ("I", "S"))
 def validate_affine(affine: np.ndarray) -> np.ndarray:
     """Return ``affine`` as a fresh float64 4x4 array, or raise :class:`GeometryError`."""
     try:
+        if np.iscomplexobj(affine):  # np.array(..., float64) would silently drop the imaginary part
+            raise TypeError("complex values")
         m = np.array(affine, dtype=np.float64, copy=True)
     except (TypeError, ValueError) as exc:
         raise GeometryError(f"affine is not numeric: {exc}") from exc
@@ -68,7 +70,7 @@ ras_to_lps = lps_to_ras
 def _as_factors(factors: Sequence[float] | float) -> np.ndarray:
     f = np.broadcast_to(np.asarray(factors, dtype=np.float64), (3,)).copy()
     if not np.isfinite(f).all() or np.any(f <= 0):
-        raise GeometryError(f"scale factors must be positive, got {tuple(f)}")
+        raise GeometryError(f"scale factors must be positive, got {tuple(f.tolist())}")
     return f
 
 
@@ -100,7 +102,7 @@ def super_resolution_grid(
     """Shape (i, j, k) and IJK->RAS of the SR grid for integer per-axis ``factors``."""
     f = np.broadcast_to(np.asarray(factors), (3,))
     if not all(float(x).is_integer() and x >= 1 for x in f):
-        raise GeometryError(f"super-resolution factors must be integers >= 1, got {tuple(f)}")
+        raise GeometryError(f"super-resolution factors must be integers >= 1, got {tuple(f.tolist())}")
     fi = tuple(int(x) for x in f)
     shape = tuple(int(n) * k for n, k in zip(shape_ijk, fi))
     return shape, super_resolution_affine(affine, fi)
@@ -123,8 +125,9 @@ def factors_for_spacing(
     if np.any(np.abs(ratio - rounded) > rtol * rounded) or np.any(ratio < 1.0 - rtol):
         nearest = spacing / rounded
         raise GeometryError(
-            f"target spacing {tuple(target)} mm is not the input spacing {tuple(np.round(spacing, 6))} "
-            f"divided by whole numbers; the nearest reachable spacing is {tuple(np.round(nearest, 6))}"
+            f"target spacing {tuple(target.tolist())} mm is not the input spacing "
+            f"{tuple(np.round(spacing, 6).tolist())} divided by whole numbers; "
+            f"the nearest reachable spacing is {tuple(np.round(nearest, 6).tolist())}"
         )
     return tuple(int(x) for x in rounded)
 

@@ -55,6 +55,12 @@ class Reorientation:
         inv_flips = tuple(self.flips[inv_perm[a]] for a in range(3))
         array = permute_flip_array(volume.array, inv_perm, inv_flips)
         affine = permute_flip_affine(volume.affine, volume.shape_ijk, inv_perm, inv_flips)
+        # Back on the original grid (not e.g. an SR output): return the original matrix bitwise.
+        # Flipping forth and back moves the origin by +x then -x, which can differ in the last bit.
+        if tuple(array.shape[::-1]) == tuple(self.original_shape_ijk) and np.allclose(
+            affine, self.original_affine, rtol=0.0, atol=1e-6
+        ):
+            affine = self.original_affine
         return Volume(array, affine)
 
 

@@ -82,6 +82,8 @@ def fit_percentile(
     if not 0.0 <= low_pct < high_pct <= 100.0:
         raise InputError(f"percentiles must satisfy 0 <= low < high <= 100, got {low_pct}, {high_pct}")
     a = np.asarray(array)
+    if mask is not None and np.shape(mask) != a.shape:
+        raise InputError(f"the mask of {name} has shape {np.shape(mask)}, the volume {a.shape}")
     values = a[np.asarray(mask, dtype=bool)] if mask is not None else a.ravel()
     if values.size == 0:
         raise InputError(f"the mask of {name} selects no voxels")

@@ -43,8 +43,8 @@ def _convention(name: str) -> dict[str, int]:
 def validate_labels(labels: np.ndarray, convention: str) -> None:
     """Raise :class:`InputError` if ``labels`` holds values the convention does not define."""
     allowed = {0, *(_convention(convention).values())}
-    present = {int(v) for v in np.unique(labels)}
-    unexpected = sorted(present - allowed)
+    # Compare exact values: int() would truncate e.g. 4.5 to an allowed 4.
+    unexpected = sorted(v for v in np.unique(np.asarray(labels)).tolist() if v not in allowed)
     if unexpected:
         raise InputError(
             f"label values {unexpected} are not part of the {convention} convention "
