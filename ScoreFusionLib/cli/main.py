@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import ScoreFusionError
-from . import simulate_cmd
+from . import simulate_cmd, translate_cmd
 
-SUBCOMMANDS = (simulate_cmd,)
+SUBCOMMANDS = (simulate_cmd, translate_cmd)
 
 EXIT_USAGE_OR_INPUT = 2
 

@@ -1,0 +1,1 @@
+"""Turning plane models into volume noise estimates, and combining them (fusion modes)."""

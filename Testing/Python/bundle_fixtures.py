@@ -1,0 +1,44 @@
+"""Build small model bundles with random (re-initialised) plane weights for pipeline tests."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ScoreFusionLib.bundle import Manifest, PlaneEntry, plane_file_name, save_weights, write_manifest
+from ScoreFusionLib.data.slices import plane_input_channels
+from ScoreFusionLib.data.task import TaskSpec
+from ScoreFusionLib.nets.configs import unet2d_config
+from ScoreFusionLib.nets.unet2d import UNet2D, kaiming_reinit_
+
+
+def make_random_bundle(
+    folder: Path,
+    spec: TaskSpec,
+    planes: Sequence[str] = ("axial", "coronal", "sagittal"),
+    neighbors: int = 0,
+    seed: int = 0,
+    scale: float = 0.05,
+) -> Path:
+    """A bundle of ``tiny`` plane nets whose weights are Kaiming re-initialised and scaled down.
+
+    Scaling keeps the noise estimates small and finite, so sampling stays well behaved;
+    the point is a real network in the real pipeline, not a useful model.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for i, plane in enumerate(planes):
+        config = unet2d_config("tiny", plane_input_channels(spec.n_conditions, neighbors))
+        model = UNet2D(config)
+        kaiming_reinit_(model, generator=torch.Generator().manual_seed(seed + i))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(scale ** (1.0 / 8))
+        state = model.state_dict()
+        sha = save_weights(folder / plane_file_name(plane), {"raw": state, "ema": state})
+        entries[plane] = PlaneEntry(config.to_dict(), plane_file_name(plane), sha, steps=0)
+    write_manifest(folder, Manifest(task=spec.to_dict(), neighbors=neighbors, planes=entries,
+                                    training={"note": "random weights for tests"}))
+    return folder
