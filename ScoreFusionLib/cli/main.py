@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import ScoreFusionError
-from . import simulate_cmd, translate_cmd
+from . import simulate_cmd, train_cmd, translate_cmd
 
-SUBCOMMANDS = (simulate_cmd, translate_cmd)
+SUBCOMMANDS = (simulate_cmd, train_cmd, translate_cmd)
 
 EXIT_USAGE_OR_INPUT = 2
 
@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # recorded in provenance (e.g. the training command line)
     try:
         return int(args.func(args) or 0)
     except ScoreFusionError as exc:

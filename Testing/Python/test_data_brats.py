@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from brats_fixtures import (
     SHAPE_IJK,
     affine_1mm,
@@ -15,7 +16,6 @@ from brats_fixtures import (
     seg_kji,
     write_nifti,
 )
-
 from ScoreFusionLib.data import (
     CaseRecord,
     canonical_contrast,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from brats_fixtures import make_case
 
+from brats_fixtures import make_case
 from ScoreFusionLib.data import (
     LoadedCase,
     PlaneSliceDataset,
