@@ -19,20 +19,20 @@ from .volume import Volume, require_usable_intensities
 INTERPOLATION_ORDERS = {"nearest": 0, "trilinear": 1, "bspline": 3}
 
 
-def upsample_array(array_kji: np.ndarray, factors_ijk: Sequence[int], method: str = "trilinear") -> np.ndarray:
+def upsample_array(array_kji: np.ndarray, factors_ijk: int | Sequence[int], method: str = "trilinear") -> np.ndarray:
     """Upsample a (k, j, i) array by integer (i, j, k) factors with the named interpolation."""
     from scipy.ndimage import zoom
 
     if method not in INTERPOLATION_ORDERS:
         raise InputError(f"unknown interpolation {method!r}; use one of {', '.join(INTERPOLATION_ORDERS)}")
-    f = tuple(int(v) for v in factors_ijk)
+    f = tuple(int(v) for v in np.broadcast_to(np.asarray(factors_ijk), (3,)))
     arr = np.asarray(array_kji, dtype=np.float64)
     if method == "nearest":
         return np.repeat(np.repeat(np.repeat(arr, f[2], axis=0), f[1], axis=1), f[0], axis=2)
     return zoom(arr, (f[2], f[1], f[0]), order=INTERPOLATION_ORDERS[method], grid_mode=True, mode="nearest")
 
 
-def upsample_volume(volume: Volume, factors_ijk: Sequence[int], method: str = "trilinear") -> Volume:
+def upsample_volume(volume: Volume, factors_ijk: int | Sequence[int], method: str = "trilinear") -> Volume:
     """The interpolated volume on the exact SR grid of ``volume`` (float32)."""
     require_usable_intensities(volume.array, "input volume")
     shape, affine = super_resolution_grid(volume.shape_ijk, volume.affine, factors_ijk)

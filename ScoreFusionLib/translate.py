@@ -39,6 +39,9 @@ from .volume import Volume, require_same_grid, require_usable_intensities
 
 OBLIQUITY_WARNING_DEG = 20.0
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+#: ``default``: the sampler's own grid (respaced for DDPM as in the paper, uniform in t for
+#: DDIM/DPM-Solver++); ``logsnr``: steps uniform in log-SNR where the signal is visible.
+TIME_GRIDS = ("default", "logsnr")
 
 ProgressCallback = Callable[[int, int], Any]
 
@@ -48,8 +51,9 @@ class SamplingOptions:
     """How to sample: fusion mode, sampler, steps, seed, device and data consistency."""
 
     method: str = "average"
-    sampler: str = "ddim"
-    steps: int = 20
+    sampler: str = "ddpm"
+    steps: int = 50
+    time_grid: str = "default"
     eta: float = 0.0
     seed: int = 0
     device: str = "auto"
@@ -68,6 +72,8 @@ class SamplingOptions:
             raise InputError(f"unknown method {self.method!r}; use one of {', '.join(PLANE_FREE_MODES)}")
         if self.sampler not in SAMPLERS:
             raise InputError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
+        if self.time_grid not in TIME_GRIDS:
+            raise InputError(f"unknown time grid {self.time_grid!r}; use one of {', '.join(TIME_GRIDS)}")
         if not 1 <= int(self.steps) <= 1000:
             raise InputError(f"steps must lie in 1..1000, got {self.steps}")
         if self.weights not in ("ema", "raw"):
@@ -231,7 +237,7 @@ class _Translator:
 
         from .diffusion.hooks import make_x0_hook
         from .diffusion.samplers import sample
-        from .diffusion.schedule import FusedSchedule
+        from .diffusion.schedule import FusedSchedule, logsnr_steps
         from .fusion.modes import PlaneEnsemble
         from .fusion.slice_scorer import SliceScorer, VolumeConditioning
 
@@ -262,7 +268,9 @@ class _Translator:
             if progress is not None:
                 progress(i + 1, total)
 
-        state = sample(opts.sampler, ensemble, (1, *padded), FusedSchedule(), int(opts.steps), eta=opts.eta,
+        schedule = FusedSchedule()
+        grid = logsnr_steps(int(opts.steps), schedule) if opts.time_grid == "logsnr" else int(opts.steps)
+        state = sample(opts.sampler, ensemble, (1, *padded), schedule, grid, eta=opts.eta,
                        x0_hook=hook, generator=generator, device=device, callback=callback)
         self.plane_history = ensemble.history
         r0 = state[0].detach().cpu().numpy().astype(np.float32)
@@ -289,6 +297,7 @@ class _Translator:
             "method": opts.method,
             "sampler": opts.sampler,
             "steps": int(opts.steps),
+            "time_grid": opts.time_grid,
             "eta": opts.eta,
             "seed": int(opts.seed),
             "data_consistency": bool(opts.consistency and self.spec.degraded_target),

@@ -30,9 +30,13 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, metavar="BUNDLE", help="trained model bundle folder")
     parser.add_argument("--method", default="average", choices=("average", "tpdm", "single"), help=METHOD_HELP)
     parser.add_argument("--plane", choices=("axial", "coronal", "sagittal"), help="plane used by --method single")
-    parser.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim", "dpmpp_2m"),
-                        help="ddpm = respaced ancestral (paper), ddim, or dpmpp_2m (default ddim)")
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps (paper: 50 with ddpm; default 20)")
+    parser.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim", "dpmpp_2m"),
+                        help="ddpm = respaced ancestral, the paper's and our default; ddim / dpmpp_2m are "
+                        "deterministic and only reliable with well-trained models (see docs/sampling.md)")
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50, as in the paper)")
+    parser.add_argument("--time-grid", default="default", choices=("default", "logsnr"),
+                        help="default: the sampler's own grid (respaced for ddpm, uniform for ddim/dpmpp_2m); "
+                        "logsnr: steps uniform in log-SNR where the signal is visible (fewer wasted steps)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise and of the TPDM plane choice")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -97,7 +101,8 @@ def _options(args: argparse.Namespace, consistency: bool = True, strength: float
     from ..translate import SamplingOptions
 
     return SamplingOptions(
-        method=args.method, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+        method=args.method, sampler=args.sampler, steps=args.steps, time_grid=args.time_grid, eta=args.eta,
+        seed=args.seed,
         device=args.device, slice_batch=args.slice_batch, plane=args.plane, consistency=consistency,
         consistency_strength=strength, weights=args.weights,
     )
