@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from .errors import InputError
 from .labels import REGIONS, region_mask, validate_labels
-from .volume import require_usable_intensities
+from .volume import require_finite_real, require_usable_intensities
 
 __all__ = [
     "SSIM_WIN_SIZE",
@@ -61,20 +61,6 @@ _SSIM_K2 = 0.03
 # ---------------------------------------------------------------------------------------------
 # validation helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _require_real_finite(array: np.ndarray, name: str) -> np.ndarray:
-    arr = np.asarray(array)
-    if arr.size == 0:
-        raise InputError(f"{name} is empty")
-    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-        raise InputError(f"{name} must hold real numbers, got dtype {arr.dtype}")
-    finite = np.isfinite(arr)
-    if not finite.all():
-        n_nan = int(np.isnan(arr).sum())
-        n_inf = int(arr.size - finite.sum() - n_nan)
-        raise InputError(f"{name} contains {n_nan} NaN and {n_inf} infinite voxels")
-    return arr
 
 
 def _require_same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
@@ -102,7 +88,7 @@ def _require_mask(mask: np.ndarray, shape: tuple[int, ...], name: str = "mask") 
 
 
 def _normalized_pair(result: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    res = _require_real_finite(result, "result")
+    res = require_finite_real(result, "result")
     ref = np.asarray(reference)
     require_usable_intensities(ref, "reference")
     _require_same_shape(res, ref, "result", "reference")

@@ -103,12 +103,8 @@ def require_same_grid(volumes: dict[str, Volume], atol_mm: float = 1e-3) -> None
             )
 
 
-def require_usable_intensities(array: np.ndarray, name: str = "volume") -> None:
-    """Raise :class:`InputError` for non-finite or constant intensities.
-
-    A constant volume has no contrast to normalise or translate; NaN/Inf would silently
-    poison every later step.
-    """
+def require_finite_real(array: np.ndarray, name: str = "volume") -> np.ndarray:
+    """Return ``array`` as numpy, or raise :class:`InputError` if it is empty, non-real or not finite."""
     arr = np.asarray(array)
     if arr.size == 0:
         raise InputError(f"{name} is empty")
@@ -119,6 +115,16 @@ def require_usable_intensities(array: np.ndarray, name: str = "volume") -> None:
         n_nan = int(np.isnan(arr).sum())
         n_inf = int(arr.size - finite.sum() - n_nan)
         raise InputError(f"{name} contains {n_nan} NaN and {n_inf} infinite voxels")
+    return arr
+
+
+def require_usable_intensities(array: np.ndarray, name: str = "volume") -> None:
+    """Raise :class:`InputError` for non-finite or constant intensities.
+
+    A constant volume has no contrast to normalise or translate; NaN/Inf would silently
+    poison every later step.
+    """
+    arr = require_finite_real(array, name)
     lo, hi = float(arr.min()), float(arr.max())
     if hi <= lo:
         raise InputError(f"{name} is constant (every voxel is {lo:g}); there is no image to process")
