@@ -207,6 +207,7 @@ class _Translator:
                 f"this model super-resolves by {tuple(model_in_input_axes)} along the input's (i, j, k) "
                 f"axes; {tuple(wanted)} was requested"
             )
+        self._check_thick_axis(op, lr)
         hr_affine = op.hr_affine(lr.affine)
         hr_shape_ijk = tuple(n * f for n, f in zip(lr.shape_ijk, op.factors))
         norm = fit_normalization(lr.array, self.spec.normalization, name=f"input {target}")
@@ -223,6 +224,23 @@ class _Translator:
             norms[c] = fit_normalization(vol.array, self.spec.normalization, name=f"input {c}")
             conds.append(norms[c].apply(vol.array))
         return np.stack(conds), norms, hr_affine, op
+
+    @staticmethod
+    def _check_thick_axis(op: Any, lr: Volume) -> None:
+        """A thick-slice model only fits inputs whose thick axis is the one it was trained on."""
+        axis = getattr(op, "axis", None)
+        if axis is None:
+            return
+        spacing = lr.spacing
+        others = [spacing[a] for a in range(3) if a != axis]
+        if spacing[axis] <= max(others) * (1 + 1e-3):
+            names = ("left-right", "posterior-anterior", "inferior-superior")
+            thick = int(np.argmax(spacing))
+            raise InputError(
+                f"this model restores thick slices along the {names[axis]} axis, but the input's "
+                f"spacing is {tuple(round(float(v), 3) for v in spacing)} mm (RAS order), thickest "
+                f"along {names[thick]}; use a model trained for that slice direction"
+            )
 
     def _mt_conditions(self, reoriented):
         norms, conds = {}, []

@@ -160,3 +160,54 @@ def test_cli_writes_volume_and_provenance_atomically(sr_bundle, tmp_path):
     assert not bad.exists() and not (tmp_path / "bad" / "sr.json").exists()
     code = main(["super-resolve", str(tmp_path / "missing.nii.gz"), "-o", str(bad), "--model", str(sr_bundle)])
     assert code == 2 and not bad.exists()
+
+
+def test_thick_slice_model_refuses_a_different_slice_direction(tmp_path):
+    spec = TaskSpec(kind="sr", inputs=[], target="t2w", degradation=ThickSlice(axis=2, factor=4, profile="box"))
+    bundle = make_random_bundle(tmp_path / "thick", spec, planes=("coronal", "sagittal"))
+    coronal_thick = Volume(blob((8, 3, 8), np.random.default_rng(8)), np.diag([1.0, 4.0, 1.0, 1.0]))
+    with pytest.raises(InputError, match="thickest along posterior-anterior"):
+        super_resolve(coronal_thick, bundle, FAST)
+    # an axial acquisition stored with permuted, flipped axes is recognised after reorientation
+    permuted = np.array([[0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [4.0, 0.0, 0.0, 0.0], [0, 0, 0, 1]])
+    lr = Volume(blob((8, 8, 3), np.random.default_rng(9)), permuted)
+    out = super_resolve(lr, bundle, FAST).volume
+    assert out.shape_ijk == (12, 8, 8)
+    np.testing.assert_allclose(out.spacing, [1.0, 1.0, 1.0])
+
+
+def test_both_bundle_uses_the_extra_contrast_on_the_sr_grid(tmp_path):
+    spec = TaskSpec(kind="both", inputs=["t1c"], target="t2f", degradation=AveragePool(2))
+    bundle = make_random_bundle(tmp_path / "both", spec)
+    rng = np.random.default_rng(10)
+    hr_affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    t1c = Volume(blob((8, 8, 12), rng), hr_affine)
+    flair_hr = Volume(blob((8, 8, 12), rng, offset=2.0), hr_affine)
+    lr = AveragePool(2).degrade_volume(flair_hr)
+    out = super_resolve(lr, bundle, FAST, extra_inputs={"t1ce": t1c}).volume
+    np.testing.assert_allclose(out.affine, hr_affine, atol=1e-12)
+    np.testing.assert_allclose(AveragePool(2).degrade(out.array.astype(np.float64)), lr.array, rtol=1e-5, atol=1e-3)
+    off_grid = Volume(blob((8, 8, 12), rng), np.diag([1.0, 1.0, 1.5, 1.0]))
+    with pytest.raises(InputError, match="super-resolved grid"):
+        super_resolve(lr, bundle, FAST, extra_inputs={"t1c": off_grid})
+    with pytest.raises(InputError, match="missing"):
+        super_resolve(lr, bundle, FAST)
+
+
+def test_synthesize_cli(mt_bundle, tmp_path):
+    rng = np.random.default_rng(11)
+    affine = np.array([[-1.0, 0.0, 0.0, 90.0], [0.0, 1.0, 0.0, -120.0], [0.0, 0.0, 1.0, -60.0], [0, 0, 0, 1]])
+    t1 = save_volume(Volume(blob((8, 6, 10), rng), affine), tmp_path / "t1.nii.gz")
+    t2 = save_volume(Volume(blob((8, 6, 10), rng, offset=1.0), affine), tmp_path / "t2.nrrd")
+    out = tmp_path / "flair.nii.gz"
+    argv = ["synthesize", "--input", f"t1={t1}", "--input", f"T2={t2}", "--target", "flair", "-o", str(out),
+            "--model", str(mt_bundle), "--steps", "2", "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    vol = load_volume(out)
+    assert vol.array.shape == (8, 6, 10)
+    np.testing.assert_allclose(vol.affine, affine, atol=1e-6)
+    meta = json.loads((tmp_path / "flair.json").read_text())
+    assert meta["task"]["target"] == "t2f" and meta["data_consistency"] is False
+    wrong = tmp_path / "wrong.nii.gz"
+    assert main([*argv[:6], "t1n", "-o", str(wrong), *argv[9:]]) == 2
+    assert not wrong.exists()
