@@ -20,7 +20,7 @@ HELP = "train models: 'train planes' trains the axial/coronal/sagittal 2D plane 
 
 PLANES_DESCRIPTION = textwrap.dedent(
     """\
-    Train one 2D conditional diffusion model per plane (method.md 2.4, 5.1) and write a
+    Train one 2D conditional diffusion model per plane and write a
     model bundle: OUT/plane-<name>.safetensors (raw + EMA weights) and OUT/manifest.json
     (task, networks, grid, diffusion conventions, sha256s, validation metrics, provenance).
 
