@@ -67,9 +67,11 @@ def _add_planes_parser(stages: argparse._SubParsersAction) -> argparse.ArgumentP
                    help="input contrasts, e.g. t1n or t1n,t2w (mt/both; sr needs none)")
     g.add_argument("--target", required=True, metavar="C", help="target contrast, e.g. t2f")
     g.add_argument("--factor", default=None, metavar="N|I,J,K",
-                   help="average-pool SR factor, isotropic or per IJK axis (default 4 for sr/both)")
+                   help="average-pool SR factor, isotropic or per axis I,J,K of the RAS-reoriented "
+                        "volume (i = left-right, j = posterior-anterior, k = inferior-superior; default 4)")
     g.add_argument("--thick-slice-axis", default=None, metavar="A",
-                   help="thick-slice SR instead of pooling: the slice axis (i, j, k or 0, 1, 2)")
+                   help="thick-slice SR instead of pooling: the slice axis of the RAS-reoriented volume "
+                        "(i, j, k or 0, 1, 2; k = inferior-superior, i.e. axial slices)")
     g.add_argument("--thick-slice-factor", type=int, default=None, metavar="P",
                    help="slice distance in high-resolution voxels")
     g.add_argument("--slice-fwhm", type=float, default=None, metavar="F",
@@ -77,7 +79,8 @@ def _add_planes_parser(stages: argparse._SubParsersAction) -> argparse.ArgumentP
     g.add_argument("--slice-profile", choices=("gaussian", "box"), default="gaussian",
                    help="slice profile (default gaussian)")
     g.add_argument("--grid", nargs="+", default=["192", "192", "152"], metavar="N",
-                   help="model grid I J K reached by centred crop/pad (default 192 192 152), or 'native' "
+                   help="model grid I J K (after reorientation to RAS) reached by centred crop/pad "
+                        "(default 192 192 152), or 'native' "
                         "(sides must then be multiples of the net's divisor and the SR factors)")
     g.add_argument("--normalization", choices=("minmax", "percentile"), default="minmax",
                    help="intensity normalisation to [-1, 1] (default minmax)")

@@ -62,13 +62,18 @@ def _check_contrasts(records: list[CaseRecord], spec: TaskSpec) -> None:
             )
 
 
+#: Array orientation the plane models are trained in (and ``translate`` reorients inputs to).
+TRAINING_ORIENTATION = "RAS"
+
+
 def _cache_folder(cache: Path, rec: CaseRecord, spec: TaskSpec, grid: object) -> Path:
     files = []
     for c in spec.contrasts:
         p = Path(rec.paths[c]).resolve()
         st = p.stat()
         files.append([c, str(p), st.st_size, st.st_mtime_ns])
-    key = json.dumps({"task": spec.to_dict(), "grid": grid, "files": files}, sort_keys=True)
+    key = json.dumps({"task": spec.to_dict(), "grid": grid, "orientation": TRAINING_ORIENTATION, "files": files},
+                     sort_keys=True)
     return cache / hashlib.sha256(key.encode("utf-8")).hexdigest()[:20] / rec.case_id
 
 
@@ -80,7 +85,9 @@ def _prepare(rec: CaseRecord, options: PlaneTrainingOptions, spec: TaskSpec, cac
         case = load_prepared(folder, mmap=True)
         check(tuple(int(n) for n in case.shape[::-1]), rec.case_id)
         return case
-    loaded = load_case(rec, spec.contrasts, grid_shape_ijk=options.grid)
+    # Inference reorients every input to RAS-aligned axes, so training must see the same
+    # orientation (BraTS files are stored LPS: unreoriented slices would be mirrored).
+    loaded = load_case(rec, spec.contrasts, grid_shape_ijk=options.grid, reorient=True)
     check(tuple(int(n) for n in next(iter(loaded.volumes.values())).shape_ijk), rec.case_id)
     case = prepare_case(loaded, spec)
     if folder is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..bundle import MANIFEST, BundleError, Manifest, PlaneEntry, read_manifest, sha256_file
 from ..diffusion.schedule import FusedSchedule, PlaneTrainingSchedule
 from ..errors import InputError
-from .cases import TrainingData
+from .cases import TRAINING_ORIENTATION, TrainingData
 from .options import PlaneTrainingOptions
 from .state import CHECKPOINT_DIR
 
@@ -169,7 +169,7 @@ def build_manifest(
         task=task,
         neighbors=int(options.neighbors),
         planes=dict(planes),
-        grid={"shape_ijk": list(data.grid_ijk), "spacing": data.spacing,
+        grid={"shape_ijk": list(data.grid_ijk), "spacing": data.spacing, "orientation": TRAINING_ORIENTATION,
               "source": "native" if options.grid is None else "centre crop/pad"},
         diffusion=diffusion_record(config),
         training=training,

@@ -118,7 +118,7 @@ def test_cli_writes_a_loadable_bundle(data, tmp_path, capsys):
     assert m.task == spec.to_dict()
     assert m.neighbors == 2
     assert list(m.planes) == ["axial", "sagittal"]
-    assert m.grid == {"shape_ijk": [16, 24, 16], "spacing": [1.0, 1.0, 1.0], "source": "native"}
+    assert m.grid == {"shape_ijk": [16, 24, 16], "spacing": [1.0, 1.0, 1.0], "source": "native", "orientation": "RAS"}
     assert m.diffusion["plane_training_schedule"] == PlaneTrainingSchedule().to_dict()
     assert m.diffusion["noise_embedding"] == "gamma-sinusoidal"
     t = m.training
@@ -370,3 +370,34 @@ def test_train_is_registered_on_the_main_command(capsys):
         cli_main.main(["train", "planes", "--help"])
     assert exc.value.code == 0
     assert "--thick-slice-axis" in capsys.readouterr().out
+
+
+def test_training_sees_lps_files_in_the_orientation_inference_uses(tmp_path):
+    """BraTS files are stored LPS; plane models must be trained on RAS-reoriented arrays, the
+    orientation ``translate`` feeds them, or every slice would be mirrored at inference."""
+    import nibabel as nib
+
+    from ScoreFusionLib.data.task import TaskSpec
+    from ScoreFusionLib.train.cases import load_training_data
+    from ScoreFusionLib.train.options import PlaneTrainingOptions
+
+    kji = (8, 12, 16)
+    rng = np.random.default_rng(0)
+    lps = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 11.0], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+    raw = {}
+    for c in range(1, 3):
+        cid = f"ScoreFusionSim-{c:05d}"
+        (tmp_path / cid).mkdir()
+        for con in ("t1n", "t2f"):
+            arr = rng.random(kji).astype(np.float32) + 0.1
+            raw[(cid, con)] = arr
+            nib.save(nib.Nifti1Image(np.transpose(arr, (2, 1, 0)), lps), str(tmp_path / cid / f"{cid}-{con}.nii.gz"))
+    options = PlaneTrainingOptions(data=tmp_path, out=tmp_path / "out", target="t2f", task="mt", inputs=["t1n"],
+                                   config="tiny", grid=None, val_fraction=0.5)
+    spec = TaskSpec(kind="mt", inputs=["t1n"], target="t2f")
+    data = load_training_data(options, spec)
+    case = data.train[0]
+    expected = raw[(case.case_id, "t1n")][:, ::-1, ::-1]  # flip j (P->A) and i (L->R): RAS-aligned
+    lo, hi = expected.min(), expected.max()
+    np.testing.assert_allclose(case.conditions[0], 2 * (expected - lo) / (hi - lo) - 1, atol=1e-6)
+    assert np.allclose(np.diag(case.affine)[:3], [1.0, 1.0, 1.0])
