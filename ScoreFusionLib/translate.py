@@ -28,7 +28,6 @@ import numpy as np
 
 from . import __version__
 from .bundle import load_plane_models, read_manifest, sha256_file
-from .data.coords import coordinate_channels
 from .data.records import canonical_contrast
 from .data.task import TaskSpec
 from .errors import GeometryError, InputError
@@ -101,10 +100,43 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _pad_to(arr: np.ndarray, shape: Sequence[int], fill: float) -> np.ndarray:
-    out = np.full(tuple(shape), fill, dtype=arr.dtype)
-    out[tuple(slice(0, n) for n in arr.shape)] = arr
-    return out
+def _mm(values: Any) -> tuple[float, ...]:
+    """Plain rounded numbers for messages (numpy 2 would print np.float64(...))."""
+    return tuple(round(float(v), 3) for v in values)
+
+
+def _pad_edge(arr: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Pad at the high end by replicating the last real slice, so 2.5D neighbours of edge slices
+    are the replicated edge slice exactly as in training."""
+    return np.pad(arr, [(0, int(p) - int(n)) for n, p in zip(arr.shape, shape)], mode="edge")
+
+
+def _extended_coordinates(shape: Sequence[int], padded: Sequence[int]) -> np.ndarray:
+    """Coordinate channels of the real grid (``2 idx / n - 1``), continued linearly into the padding.
+
+    Padding must not change the coordinates of real voxels: training never pads.
+    """
+    d, h, w = (2.0 * np.arange(int(p)) / int(n) - 1.0 for n, p in zip(shape, padded))
+    zz, yy, xx = np.meshgrid(d, h, w, indexing="ij")
+    return np.stack([xx, yy, zz]).astype(np.float32)
+
+
+class _RealRegionProjector:
+    """Apply a degradation's null-space projection to the real (unpadded) region only.
+
+    A blurred thick-slice profile would otherwise reach into the padding and treat it as
+    measured, so the output would no longer re-degrade to the input.
+    """
+
+    def __init__(self, op: Any, shape: Sequence[int]) -> None:
+        self.op = op
+        self.region = tuple(slice(0, int(n)) for n in shape)
+
+    def project_null(self, r: Any, strength: float = 1.0) -> Any:
+        out = r.clone()
+        index = (Ellipsis, *self.region)
+        out[index] = self.op.project_null(r[index], strength)
+        return out
 
 
 def _padded_shape(shape_dhw: Sequence[int], multiples_dhw: Sequence[int]) -> tuple[int, int, int]:
@@ -207,9 +239,16 @@ class _Translator:
                 f"this model super-resolves by {tuple(model_in_input_axes)} along the input's (i, j, k) "
                 f"axes; {tuple(wanted)} was requested"
             )
-        self._check_thick_axis(op, lr)
+        self._check_factor_axes(op, lr)
+        self._check_voxel_size(lr.spacing / np.asarray(op.factors))
         hr_affine = op.hr_affine(lr.affine)
         hr_shape_ijk = tuple(n * f for n, f in zip(lr.shape_ijk, op.factors))
+        if self.spec.sr_normalization == "target":
+            self.warn(
+                "this bundle was trained with the paper's normalisation (each target's own range); at "
+                "inference only the low-resolution input is known, so its range is used, which stretches "
+                "intensities slightly compared with training"
+            )
         norm = fit_normalization(lr.array, self.spec.normalization, name=f"input {target}")
         measurement = norm.apply(lr.array)
         conds = [np.asarray(op.lift(measurement), dtype=np.float32)]
@@ -226,23 +265,35 @@ class _Translator:
         return np.stack(conds), norms, hr_affine, op
 
     @staticmethod
-    def _check_thick_axis(op: Any, lr: Volume) -> None:
-        """A thick-slice model only fits inputs whose thick axis is the one it was trained on."""
-        axis = getattr(op, "axis", None)
-        if axis is None:
+    def _check_factor_axes(op: Any, lr: Volume) -> None:
+        """An anisotropic model (thick slices, per-axis pooling) only fits inputs that are coarsest
+        along the axes it refines; otherwise the wrong axis would be super-resolved."""
+        factors, spacing = op.factors, lr.spacing
+        names = ("left-right", "posterior-anterior", "inferior-superior")
+        for a in range(3):
+            for b in range(3):
+                if factors[a] > factors[b] and spacing[a] <= spacing[b] * (1 + 1e-3):
+                    raise InputError(
+                        f"this model refines by {tuple(factors)} along the (left-right, posterior-anterior, "
+                        f"inferior-superior) axes, so the input must be thickest along {names[a]}; its spacing "
+                        f"is {_mm(spacing)} mm in that order, thickest along "
+                        f"{names[int(np.argmax(spacing))]}; use a model trained for that slice direction"
+                    )
+
+    def _check_voxel_size(self, spacing_ras: np.ndarray) -> None:
+        """Warn when the grid the networks will see has a voxel size unlike the training grid's."""
+        trained = self.manifest.grid.get("spacing")
+        if not trained or self.manifest.grid.get("orientation") != "RAS":
             return
-        spacing = lr.spacing
-        others = [spacing[a] for a in range(3) if a != axis]
-        if spacing[axis] <= max(others) * (1 + 1e-3):
-            names = ("left-right", "posterior-anterior", "inferior-superior")
-            thick = int(np.argmax(spacing))
-            raise InputError(
-                f"this model restores thick slices along the {names[axis]} axis, but the input's "
-                f"spacing is {tuple(round(float(v), 3) for v in spacing)} mm (RAS order), thickest "
-                f"along {names[thick]}; use a model trained for that slice direction"
+        trained = np.asarray(trained, dtype=np.float64)
+        if np.any(np.abs(spacing_ras / trained - 1.0) > 0.15):
+            self.warn(
+                f"the networks will see voxels of {_mm(spacing_ras)} mm but were trained on {_mm(trained)} mm "
+                "(RAS order); expect degraded results, or resample the input"
             )
 
     def _mt_conditions(self, reoriented):
+        self._check_voxel_size(reoriented[self.spec.inputs[0]].spacing)
         norms, conds = {}, []
         for c in self.spec.inputs:
             norms[c] = fit_normalization(reoriented[c].array, self.spec.normalization, name=f"input {c}")
@@ -269,16 +320,16 @@ class _Translator:
             multiples = [int(np.lcm(divisor, f)) for f in op.factors[::-1]]  # (D, H, W) order
         shape = conditions.shape[1:]
         padded = _padded_shape(shape, multiples)
-        conds = np.stack([_pad_to(c, padded, float(c.min())) for c in conditions]).astype(np.float32)
+        conds = np.stack([_pad_edge(c, padded) for c in conditions]).astype(np.float32)
         cond = VolumeConditioning(
             conditions=torch.from_numpy(conds).to(device),
-            coords=torch.from_numpy(np.array(coordinate_channels(padded))).to(device),
+            coords=torch.from_numpy(_extended_coordinates(shape, padded)).to(device),
             mask=torch.from_numpy(mask_channel(conds[0])[None]).to(device),
         )
         scorers = {p: SliceScorer(m, p, self.manifest.neighbors, opts.slice_batch) for p, m in models.items()}
         ensemble = PlaneEnsemble(scorers, cond, opts.method, opts.plane, opts.tpdm_probabilities,
                                  opts.tpdm_cycle, seed=opts.seed)
-        projector = op if (op is not None and opts.consistency) else None
+        projector = _RealRegionProjector(op, shape) if (op is not None and opts.consistency) else None
         hook = make_x0_hook(clip=True, projector=projector, strength=opts.consistency_strength)
         generator = torch.Generator().manual_seed(int(opts.seed))
 

@@ -131,9 +131,13 @@ def _write(result, output: Path, description: str) -> None:
 
     if output.exists() and output.is_dir():
         raise InputError(f"output {output} is a folder; give a file name")
-    save_volume(result.volume, output, description=description)
     sidecar = _sidecar_path(output)
     write_text_atomic(sidecar, json.dumps(result.provenance, indent=2) + "\n")
+    try:
+        save_volume(result.volume, output, description=description)
+    except BaseException:
+        sidecar.unlink(missing_ok=True)  # never leave provenance for an output that was not written
+        raise
     print(f"wrote {output} and {sidecar}")
 
 

@@ -76,7 +76,9 @@ class SliceScorer:
                 x = plane_network_input(
                     cond.conditions, cond.coords, cond.mask, noisy, self.plane, idx, self.neighbors
                 )
-                g = torch.full((len(idx),), float(gamma), dtype=x.dtype, device=x.device)
+                # float64 keeps gamma == abar_t exact (MPS has no float64)
+                g_dtype = torch.float32 if x.device.type == "mps" else torch.float64
+                g = torch.full((len(idx),), float(gamma), dtype=g_dtype, device=x.device)
                 eps = self.model(x, g)  # (S, 1, rows, cols)
                 placed = eps[:, 0].movedim(0, self.axis).to(out.dtype)
                 out[0].index_copy_(self.axis, torch.as_tensor(idx, device=out.device), placed)

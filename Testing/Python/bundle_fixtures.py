@@ -21,6 +21,7 @@ def make_random_bundle(
     neighbors: int = 0,
     seed: int = 0,
     scale: float = 0.05,
+    grid: dict | None = None,
 ) -> Path:
     """A bundle of ``tiny`` plane nets whose weights are Kaiming re-initialised and scaled down.
 
@@ -39,6 +40,6 @@ def make_random_bundle(
         state = model.state_dict()
         sha = save_weights(folder / plane_file_name(plane), {"raw": state, "ema": state})
         entries[plane] = PlaneEntry(config.to_dict(), plane_file_name(plane), sha, steps=0)
-    write_manifest(folder, Manifest(task=spec.to_dict(), neighbors=neighbors, planes=entries,
+    write_manifest(folder, Manifest(task=spec.to_dict(), neighbors=neighbors, planes=entries, grid=grid or {},
                                     training={"note": "random weights for tests"}))
     return folder

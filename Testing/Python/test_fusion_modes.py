@@ -107,8 +107,8 @@ def test_average_is_the_mean_of_the_planes_and_gamma_is_abar():
     assert torch.allclose(eps, torch.full((1, *SHAPE), 3.0))
     echo = NoisySliceEcho()
     PlaneEnsemble({"axial": SliceScorer(echo, "axial")}, cond, mode="single")(torch.zeros(1, *SHAPE), 7, 0.123456789)
-    # the network computes in float32, so gamma arrives as abar rounded once to float32
-    assert echo.gammas and all(g == float(np.float32(0.123456789)) for g in echo.gammas)
+    # gamma arrives as a float64 tensor: exactly abar_t, not a float32 rounding of it
+    assert echo.gammas and all(g == 0.123456789 for g in echo.gammas)
 
 
 def test_single_defaults_to_sagittal_and_runs_one_plane():

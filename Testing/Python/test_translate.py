@@ -211,3 +211,49 @@ def test_synthesize_cli(mt_bundle, tmp_path):
     wrong = tmp_path / "wrong.nii.gz"
     assert main([*argv[:6], "t1n", "-o", str(wrong), *argv[9:]]) == 2
     assert not wrong.exists()
+
+
+def test_anisotropic_pooling_model_refuses_an_input_thick_along_another_axis(tmp_path):
+    spec = TaskSpec(kind="sr", inputs=[], target="t1n", degradation=AveragePool((1, 1, 2)))
+    bundle = make_random_bundle(tmp_path / "aniso", spec)
+    thick_i = Volume(blob((8, 8, 8), np.random.default_rng(12)), np.diag([2.0, 1.0, 1.0, 1.0]))
+    with pytest.raises(InputError, match="thickest along inferior-superior; its spacing"):
+        super_resolve(thick_i, bundle, FAST)
+
+
+def test_padded_thick_slice_run_stays_consistent_with_every_measured_slice(tmp_path):
+    # 5 measured slices x 3 = 15 high-resolution slices, padded to 24 for the networks: the
+    # Gaussian profile of the last slice must not treat the padding as measured.
+    op = ThickSlice(axis=2, factor=3)
+    spec = TaskSpec(kind="sr", inputs=[], target="t2w", degradation=op)
+    bundle = make_random_bundle(tmp_path / "thick3", spec, planes=("coronal", "sagittal"))
+    lr = Volume(blob((5, 8, 8), np.random.default_rng(13)), np.diag([1.0, 1.0, 3.0, 1.0]))
+    out = super_resolve(lr, bundle, FAST).volume
+    assert out.shape_ijk == (8, 8, 15)
+    np.testing.assert_allclose(op.degrade(out.array.astype(np.float64)), lr.array, rtol=1e-5, atol=2e-3)
+
+
+def test_padding_keeps_the_coordinates_of_real_voxels():
+    from ScoreFusionLib.data.coords import coordinate_channels
+    from ScoreFusionLib.translate import _extended_coordinates
+
+    real = coordinate_channels((6, 5, 7))
+    padded = _extended_coordinates((6, 5, 7), (8, 8, 8))
+    np.testing.assert_allclose(padded[:, :6, :5, :7], real, atol=1e-7)
+    np.testing.assert_allclose(padded[2, 7, 0, 0], 2 * 7 / 6 - 1, atol=1e-6)
+
+
+def test_voxel_size_unlike_training_is_reported(tmp_path):
+    spec = TaskSpec(kind="sr", inputs=[], target="t1n", degradation=AveragePool(2))
+    bundle = make_random_bundle(tmp_path / "grid", spec, grid={"shape_ijk": [96, 112, 96],
+                                                                "spacing": [1.0, 1.0, 1.0], "orientation": "RAS"})
+    same = Volume(blob((6, 6, 6), np.random.default_rng(14)), np.diag([2.0, 2.0, 2.0, 1.0]))
+    coarse = Volume(same.array, np.diag([4.0, 4.0, 4.0, 1.0]))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        super_resolve(same, bundle, FAST)
+    with pytest.warns(UserWarning, match=r"trained on \(1.0, 1.0, 1.0\) mm"):
+        result = super_resolve(coarse, bundle, FAST)
+    assert any("trained on" in note for note in result.provenance["notes"])
