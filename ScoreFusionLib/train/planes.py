@@ -288,12 +288,16 @@ class _Session:
                 loss.backward()
             if opt.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+            stepped = True
             if scaler is not None:
+                scale = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
+                stepped = scaler.get_scale() >= scale  # the scaler lowers its scale when it skips a step
             else:
                 optimizer.step()
-            ema.update(model)
+            if stepped:
+                ema.update(model)
             step += 1
 
             loss_value = float(all_reduce_mean(loss.detach().clone(), ctx).item())
