@@ -1,0 +1,293 @@
+"""The job folder shared by the Slicer module and the worker subprocess.
+
+Layout (numpy and JSON only; every matrix is IJK->RAS, never LPS)::
+
+    job.json      task, contrasts, bundle (+ optional manifest sha256), sampling settings
+    input.npz     one float32 (k, j, i) array per contrast, plus ``ijk_to_ras`` (4x4 float64)
+    cancel        created by the driver to ask the worker to stop (cooperative cancel)
+    output.npz    ``array`` (float32, (k, j, i)) and the output's OWN ``ijk_to_ras``
+    output.json   provenance of the run
+
+All inputs of one job share one grid (one ``ijk_to_ras``). For super-resolution the output
+grid differs from the input's, which is why ``output.npz`` carries its own matrix.
+Outputs are written atomically, so a cancelled or crashed run never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import atomic_path, write_text_atomic
+from .errors import InputError
+from .volume import Volume, require_finite_real
+
+JOB_FILE = "job.json"
+INPUT_FILE = "input.npz"
+OUTPUT_FILE = "output.npz"
+OUTPUT_JSON = "output.json"
+CANCEL_FILE = "cancel"
+MATRIX_KEY = "ijk_to_ras"
+ARRAY_KEY = "array"
+JOB_FORMAT = "scorefusion-job"
+JOB_FORMAT_VERSION = 1
+
+TASKS = ("super_resolve", "synthesize")
+REQUIRED_KEYS = ("task", "contrasts", "bundle")
+
+
+@dataclass
+class JobSettings:
+    """What ``job.json`` holds: the task, its inputs' names, the bundle and sampling settings."""
+
+    task: str
+    contrasts: list[str]
+    bundle: str
+    bundle_sha256: str | None = None
+    method: str = "average"
+    sampler: str = "ddpm"
+    steps: int = 50
+    time_grid: str = "default"
+    seed: int = 0
+    device: str = "auto"
+    slice_batch: int = 8
+
+    def validate(self) -> JobSettings:
+        if self.task not in TASKS:
+            raise InputError(f"job.json: unknown task {self.task!r}; use one of {', '.join(TASKS)}")
+        if (not isinstance(self.contrasts, (list, tuple)) or not self.contrasts
+                or not all(isinstance(c, str) and c.strip() for c in self.contrasts)):
+            raise InputError(f"job.json: 'contrasts' must be a non-empty list of names, got {self.contrasts!r}")
+        self.contrasts = [str(c) for c in self.contrasts]
+        if len(set(self.contrasts)) != len(self.contrasts):
+            raise InputError(f"job.json: contrast names repeat: {self.contrasts}")
+        if MATRIX_KEY in self.contrasts:
+            raise InputError(f"job.json: {MATRIX_KEY!r} cannot be a contrast name")
+        if self.task == "super_resolve" and len(self.contrasts) != 1:
+            raise InputError(
+                f"job.json: a super_resolve job takes exactly one contrast (the low-resolution volume), "
+                f"got {self.contrasts}"
+            )
+        if not isinstance(self.bundle, str) or not self.bundle:
+            raise InputError(f"job.json: 'bundle' must be a folder path, got {self.bundle!r}")
+        if self.bundle_sha256 is not None and not (
+            isinstance(self.bundle_sha256, str) and len(self.bundle_sha256) == 64
+        ):
+            raise InputError("job.json: 'bundle_sha256' must be the 64-digit hex sha256 of manifest.json")
+        for name in ("steps", "seed", "slice_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InputError(f"job.json: {name!r} must be a whole number, got {value!r}")
+        if self.steps < 1:
+            raise InputError(f"job.json: 'steps' must be at least 1, got {self.steps}")
+        if self.slice_batch < 1:
+            raise InputError(f"job.json: 'slice_batch' must be at least 1, got {self.slice_batch}")
+        for name in ("method", "sampler", "time_grid", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise InputError(f"job.json: {name!r} must be a string, got {getattr(self, name)!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return {"format": JOB_FORMAT, "format_version": JOB_FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> JobSettings:
+        if not isinstance(d, dict):
+            raise InputError(f"job.json must hold a JSON object, got {type(d).__name__}")
+        missing = [k for k in REQUIRED_KEYS if k not in d]
+        if missing:
+            raise InputError(f"job.json is missing the keys {missing}")
+        if "format_version" in d and d["format_version"] != JOB_FORMAT_VERSION:
+            raise InputError(f"job.json has format version {d['format_version']!r}; this worker reads "
+                             f"version {JOB_FORMAT_VERSION}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known - {"format", "format_version"})
+        if unknown:
+            raise InputError(f"job.json has unknown keys {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in known}).validate()
+
+
+@dataclass
+class Job:
+    """A job read back from its folder."""
+
+    folder: Path
+    settings: JobSettings
+    volumes: dict[str, Volume] = field(default_factory=dict)
+
+
+def _settings(settings: JobSettings | dict) -> JobSettings:
+    if isinstance(settings, JobSettings):
+        return settings.validate()
+    return JobSettings.from_dict(dict(settings))
+
+
+def _check_matrix(matrix: Any, where: str) -> np.ndarray:
+    m = np.asarray(matrix)
+    if m.shape != (4, 4):
+        raise InputError(f"{where}: '{MATRIX_KEY}' must be a 4x4 matrix, got shape {tuple(m.shape)}")
+    if not np.issubdtype(m.dtype, np.number) or not np.all(np.isfinite(m)):
+        raise InputError(f"{where}: '{MATRIX_KEY}' must hold finite numbers")
+    m = m.astype(np.float64)
+    if not np.allclose(m[3], [0.0, 0.0, 0.0, 1.0]):
+        raise InputError(f"{where}: the last row of '{MATRIX_KEY}' must be (0, 0, 0, 1), got {m[3].tolist()}")
+    return m
+
+
+def _check_array(array: Any, where: str) -> np.ndarray:
+    arr = np.asarray(array)
+    if arr.ndim != 3:
+        raise InputError(f"{where} must be a 3D (k, j, i) array, got shape {tuple(arr.shape)}")
+    if min(arr.shape) < 1:
+        raise InputError(f"{where} is empty (shape {tuple(arr.shape)})")
+    require_finite_real(arr, where)
+    return arr.astype(np.float32, copy=False)
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def write_job(folder: str | os.PathLike, volumes: dict[str, Volume], settings: JobSettings | dict) -> Path:
+    """Create the job folder: ``input.npz`` with every contrast and the shared matrix, and ``job.json``.
+
+    ``volumes`` maps each name of ``settings.contrasts`` to a :class:`Volume`; all must share
+    one grid. Returns the folder.
+    """
+    folder = Path(folder)
+    s = _settings(settings)
+    if set(volumes) != set(s.contrasts):
+        raise InputError(f"the job's contrasts {s.contrasts} differ from the volumes given {sorted(volumes)}")
+    ref = volumes[s.contrasts[0]]
+    arrays: dict[str, np.ndarray] = {}
+    for name in s.contrasts:
+        vol = volumes[name]
+        if not isinstance(vol, Volume):
+            raise InputError(f"input {name!r} must be a Volume, got {type(vol).__name__}")
+        if not vol.same_grid(ref, atol_mm=1e-6):
+            raise InputError(f"input {name!r} is not on the grid of {s.contrasts[0]!r}; all inputs of a job "
+                             "must share one grid (resample them first)")
+        arrays[name] = _check_array(vol.array, f"input {name!r}")
+    arrays[MATRIX_KEY] = np.asarray(ref.affine, dtype=np.float64)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_npz(folder / INPUT_FILE, arrays)
+    write_text_atomic(folder / JOB_FILE, json.dumps(s.to_dict(), indent=2) + "\n")
+    return folder
+
+
+def read_settings(folder: str | os.PathLike) -> JobSettings:
+    """``job.json`` of ``folder``, validated."""
+    path = Path(folder) / JOB_FILE
+    if not path.is_file():
+        raise InputError(f"no {JOB_FILE} in the job folder {folder}")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    return JobSettings.from_dict(d)
+
+
+def read_inputs(folder: str | os.PathLike, settings: JobSettings) -> dict[str, Volume]:
+    """The input volumes of ``input.npz``, validated against ``settings``."""
+    path = Path(folder) / INPUT_FILE
+    if not path.is_file():
+        raise InputError(f"no {INPUT_FILE} in the job folder {folder}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} is not a readable npz file: {exc}") from exc
+    if MATRIX_KEY not in data:
+        raise InputError(f"{INPUT_FILE} has no '{MATRIX_KEY}' matrix")
+    matrix = _check_matrix(data.pop(MATRIX_KEY), INPUT_FILE)
+    missing = [c for c in settings.contrasts if c not in data]
+    if missing:
+        raise InputError(f"{INPUT_FILE} lacks the contrasts {missing} named in {JOB_FILE} (it has {sorted(data)})")
+    extra = sorted(set(data) - set(settings.contrasts))
+    if extra:
+        raise InputError(f"{INPUT_FILE} holds arrays {extra} that {JOB_FILE} does not name")
+    volumes: dict[str, Volume] = {}
+    shape = None
+    for name in settings.contrasts:
+        arr = _check_array(data[name], f"input {name!r}")
+        if shape is not None and arr.shape != shape:
+            raise InputError(f"input {name!r} has shape {arr.shape} (k, j, i) but {settings.contrasts[0]!r} has "
+                             f"{shape}; all inputs of a job share one grid")
+        shape = arr.shape
+        volumes[name] = Volume(arr, matrix)
+    return volumes
+
+
+def read_job(folder: str | os.PathLike) -> Job:
+    """Read and validate a job folder; every problem is an :class:`InputError` naming the file."""
+    settings = read_settings(folder)
+    return Job(Path(folder), settings, read_inputs(folder, settings))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def write_output(folder: str | os.PathLike, volume: Volume, provenance: dict | None = None) -> Path:
+    """Write ``output.npz`` (array + its own ``ijk_to_ras``) and ``output.json``, each atomically.
+
+    Returns the path of ``output.npz``.
+    """
+    folder = Path(folder)
+    if not isinstance(volume, Volume):
+        raise InputError(f"the output must be a Volume, got {type(volume).__name__}")
+    arr = _check_array(volume.array, "the output")
+    out = folder / OUTPUT_FILE
+    _save_npz(out, {ARRAY_KEY: arr, MATRIX_KEY: np.asarray(volume.affine, dtype=np.float64)})
+    meta = {"shape_kji": list(arr.shape), MATRIX_KEY: np.asarray(volume.affine).tolist(),
+            "provenance": _jsonable(provenance or {})}
+    write_text_atomic(folder / OUTPUT_JSON, json.dumps(meta, indent=2, allow_nan=False) + "\n")
+    return out
+
+
+def read_output(folder: str | os.PathLike) -> tuple[Volume, dict]:
+    """The output volume and the provenance written by :func:`write_output`."""
+    folder = Path(folder)
+    path = folder / OUTPUT_FILE
+    if not path.is_file():
+        raise InputError(f"no {OUTPUT_FILE} in the job folder {folder}")
+    with np.load(path, allow_pickle=False) as npz:
+        if ARRAY_KEY not in npz.files or MATRIX_KEY not in npz.files:
+            raise InputError(f"{path} must hold '{ARRAY_KEY}' and '{MATRIX_KEY}'")
+        arr = _check_array(npz[ARRAY_KEY], OUTPUT_FILE)
+        matrix = _check_matrix(npz[MATRIX_KEY], OUTPUT_FILE)
+    provenance: dict = {}
+    meta_path = folder / OUTPUT_JSON
+    if meta_path.is_file():
+        provenance = json.loads(meta_path.read_text(encoding="utf-8")).get("provenance", {})
+    return Volume(arr, matrix), provenance
+
+
+def request_cancel(folder: str | os.PathLike) -> Path:
+    """Create the cancel file the worker polls after every step."""
+    path = Path(folder) / CANCEL_FILE
+    path.touch()
+    return path
+
+
+def cancel_requested(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / CANCEL_FILE).exists()

@@ -1,0 +1,292 @@
+"""The inference worker the Slicer module runs as a subprocess.
+
+Usage::
+
+    python ScoreFusionLib/worker.py run --job DIR [--device auto|cpu|cuda|cuda:N]
+    python ScoreFusionLib/worker.py probe
+    python -m ScoreFusionLib.worker ...
+
+``run`` reads the job folder (:mod:`ScoreFusionLib.jobio`), translates, writes ``output.npz``
+atomically and reports on stdout with the line protocol of :mod:`ScoreFusionLib.protocol`.
+stdout carries protocol lines only: Python warnings become ``warning`` events, and anything
+else written to file descriptor 1 (C libraries, stray prints) is sent to stderr.
+
+Cancel: the driver creates ``<job>/cancel``; the worker checks it after every diffusion step,
+stops, emits ``error kind=cancelled`` and exits 130 without writing any output.
+
+Exit codes: 0 ok, 2 input or weights problem, 3 out of memory, 130 cancelled, 1 internal error.
+Test hook: ``SCOREFUSION_FAKE_OOM=1`` raises an out-of-memory error at the first step.
+
+``probe`` prints one JSON object describing torch and the devices (or the import error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import IO, Any
+
+if __package__ in (None, ""):  # run as a script: import the package from the folder above
+    _here = os.path.dirname(os.path.abspath(__file__))
+    # drop the script's own folder, whose modules (errors, data, ...) would shadow top-level names
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+FAKE_OOM_ENV = "SCOREFUSION_FAKE_OOM"
+OOM_HINT = ("Use fewer slices per batch (slice_batch), fewer or smaller inputs (crop an ROI), "
+            "or run on the CPU.")
+
+
+class JobCancelled(Exception):
+    """Raised from the progress callback when the job's cancel file appears."""
+
+
+class FakeOutOfMemoryError(RuntimeError):
+    """What ``SCOREFUSION_FAKE_OOM=1`` raises: an out-of-memory error without a GPU."""
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (FakeOutOfMemoryError, MemoryError)):
+        return True
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover - torch missing
+        pass
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _free_device_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+class Reporter:
+    """Writes protocol events to one stream, flushing each line."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def __call__(self, event: dict) -> None:
+        from ScoreFusionLib import protocol
+
+        protocol.emit(event, self.stream)
+
+
+def _route_warnings(report: Reporter) -> Any:
+    from ScoreFusionLib import protocol
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        report(protocol.warning(f"{category.__name__}: {message}"))
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    return previous
+
+
+def _settings_device(job_dir: Path, override: str | None) -> str:
+    if override:
+        return override
+    try:
+        return str(json.loads((job_dir / "job.json").read_text(encoding="utf-8")).get("device", "auto"))
+    except (OSError, ValueError, AttributeError):
+        return "auto"
+
+
+def run_job(job_dir: str | os.PathLike, device: str | None, report: Reporter) -> int:
+    """Run one job; returns the exit code. Every outcome is reported as protocol events."""
+    from ScoreFusionLib import protocol
+    from ScoreFusionLib.jobio import CANCEL_FILE, OUTPUT_FILE, read_job, write_output
+
+    job_dir = Path(job_dir)
+    cancel_file = job_dir / CANCEL_FILE
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError as exc:
+        report(protocol.hello(None, device or "unknown"))
+        report(protocol.error("internal", f"PyTorch is not installed in this Python: {exc}",
+                              "Install torch (the module offers to do this on Apply)."))
+        return protocol.EXIT_INTERNAL
+
+    requested = _settings_device(job_dir, device)
+    try:
+        from ScoreFusionLib.translate import resolve_device
+
+        shown_device = resolve_device(requested)
+    except Exception:  # reported properly when the run resolves the device
+        shown_device = requested
+    report(protocol.hello(torch_version, shown_device))
+
+    previous_showwarning = _route_warnings(report)
+    eta = protocol.EtaEstimator()
+    fake_oom = os.environ.get(FAKE_OOM_ENV, "") not in ("", "0")
+    state = {"sampling": False}
+
+    def on_progress(done: int, total: int) -> None:
+        if not state["sampling"]:
+            state["sampling"] = True
+            report(protocol.stage("sampling"))
+        if fake_oom:
+            raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 7.38 GiB (fake, for tests)")
+        eta.step_done()
+        report(protocol.progress(done, total, 1, 1, eta.elapsed, eta.eta(total - done)))
+        if cancel_file.exists():
+            raise JobCancelled(f"cancelled after step {done}/{total}")
+
+    try:
+        from ScoreFusionLib.bundle import read_manifest, sha256_file
+        from ScoreFusionLib.translate import SamplingOptions, super_resolve, synthesize
+
+        report(protocol.stage("loading_weights"))
+        job = read_job(job_dir)
+        s = job.settings
+        bundle = Path(s.bundle)
+        read_manifest(bundle)
+        if s.bundle_sha256:
+            actual = sha256_file(bundle / "manifest.json")
+            if actual != s.bundle_sha256.lower():
+                from ScoreFusionLib.bundle import BundleError
+
+                raise BundleError(f"the bundle's manifest.json has sha256 {actual}, but the job expects "
+                                  f"{s.bundle_sha256}; the model on disk is not the one that was chosen")
+        if cancel_file.exists():
+            raise JobCancelled("cancelled before sampling")
+        report(protocol.stage("preprocessing"))
+        options = SamplingOptions(method=s.method, sampler=s.sampler, steps=s.steps, time_grid=s.time_grid,
+                                  seed=s.seed, device=device or s.device, slice_batch=s.slice_batch)
+        options.validate()
+        eta.reset()
+        if s.task == "super_resolve":
+            out = super_resolve(job.volumes[s.contrasts[0]], bundle, options, progress=on_progress)
+        else:
+            out = synthesize(job.volumes, bundle, options, progress=on_progress)
+        report(protocol.stage("postprocessing"))
+        if cancel_file.exists():
+            raise JobCancelled("cancelled after sampling")
+        provenance = dict(out.provenance)
+        provenance["job"] = s.to_dict()
+        provenance["device"] = options.device
+        report(protocol.stage("writing"))
+        write_output(job_dir, out.volume, provenance)
+        report(protocol.result(OUTPUT_FILE))
+        return protocol.EXIT_OK
+    except JobCancelled as exc:
+        _free_device_memory()
+        report(protocol.error("cancelled", str(exc), ""))
+        return protocol.EXIT_CANCELLED
+    except Exception as exc:
+        from ScoreFusionLib.bundle import BundleError
+        from ScoreFusionLib.errors import ScoreFusionError
+
+        if isinstance(exc, BundleError):
+            report(protocol.error("weights", str(exc), "Check the model: download it again or choose another."))
+            return protocol.EXIT_INPUT
+        if isinstance(exc, ScoreFusionError):
+            report(protocol.error("input", str(exc), ""))
+            return protocol.EXIT_INPUT
+        if _is_oom(exc):
+            _free_device_memory()
+            report(protocol.error("oom", f"out of memory: {exc}", OOM_HINT))
+            return protocol.EXIT_OOM
+        for line in traceback.format_exc().rstrip().splitlines():
+            report(protocol.log(line))
+        report(protocol.error("internal", f"{type(exc).__name__}: {exc}", ""))
+        return protocol.EXIT_INTERNAL
+    finally:
+        warnings.showwarning = previous_showwarning
+
+
+def probe() -> dict:
+    """torch version, CUDA build and devices (name, total and free memory), or the import error."""
+    info: dict[str, Any] = {"ok": True, "python": platform.python_version(), "protocol": 1}
+    try:
+        import torch
+    except Exception as exc:  # ImportError, or a broken install raising OSError
+        info.update(ok=False, torch=None, error=f"{type(exc).__name__}: {exc}", devices=[])
+        return info
+    info["torch"] = torch.__version__
+    info["cuda_build"] = torch.version.cuda
+    devices = []
+    try:
+        available = torch.cuda.is_available()
+        count = torch.cuda.device_count() if available else 0
+    except Exception as exc:  # pragma: no cover - driver problems
+        available, count = False, 0
+        info["cuda_error"] = str(exc)
+    info["cuda_available"] = bool(available)
+    for i in range(count):
+        entry: dict[str, Any] = {"id": f"cuda:{i}", "index": i}
+        try:
+            props = torch.cuda.get_device_properties(i)
+            entry["name"] = props.name
+            entry["total_bytes"] = int(props.total_memory)
+        except Exception as exc:  # pragma: no cover
+            entry["error"] = str(exc)
+        try:
+            free, total = torch.cuda.mem_get_info(i)
+            entry["free_bytes"], entry["total_bytes"] = int(free), int(total)
+        except Exception:  # pragma: no cover
+            entry["free_bytes"] = None
+        devices.append(entry)
+    info["devices"] = devices
+    mps = getattr(torch.backends, "mps", None)
+    info["mps_available"] = bool(mps is not None and mps.is_available())
+    return info
+
+
+def _protocol_stream() -> IO[str]:
+    """A private copy of stdout for protocol lines; fd 1 itself then points at stderr."""
+    try:
+        sys.stdout.flush()
+        fd = os.dup(1)
+        os.dup2(2, 1)
+        stream = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
+        sys.stdout = sys.stderr
+        return stream
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - unusual stdio
+        return sys.stdout
+
+
+def main(argv: list[str] | None = None, stream: IO[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="worker.py", description="ScoreFusion inference worker")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a job folder")
+    run.add_argument("--job", required=True, help="the job folder (job.json + input.npz)")
+    run.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: job.json's)")
+    sub.add_parser("probe", help="print torch and device information as JSON")
+    args = parser.parse_args(argv)
+    out = stream if stream is not None else sys.stdout
+    if args.command == "probe":
+        out.write(json.dumps(probe()) + "\n")
+        out.flush()
+        return 0
+    return run_job(args.job, args.device, Reporter(out))
+
+
+def _cli() -> int:
+    stream = _protocol_stream()
+    try:
+        return main(stream=stream)
+    finally:
+        stream.flush()
+        if stream is not sys.stdout and stream is not sys.__stdout__:
+            stream.close()
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())
