@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ScoreFusionLib.bundle import Manifest, PlaneEntry, plane_file_name, save_weights, write_manifest
@@ -43,3 +44,12 @@ def make_random_bundle(
     write_manifest(folder, Manifest(task=spec.to_dict(), neighbors=neighbors, planes=entries, grid=grid or {},
                                     training={"note": "random weights for tests"}))
     return folder
+
+
+def blob(shape_kji: Sequence[int], rng: np.random.Generator, offset: float = 0.0) -> np.ndarray:
+    """A smooth positive test image (Gaussian bump plus a little noise) with a zero border."""
+    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape_kji], indexing="ij")
+    body = np.exp(-(k**2 + j**2 + i**2) * 2.0) * 100.0 + offset
+    body += rng.random(tuple(shape_kji)) * 5.0
+    body[0], body[:, 0], body[:, :, 0] = 0.0, 0.0, 0.0
+    return body.astype(np.float32)

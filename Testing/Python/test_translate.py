@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bundle_fixtures import make_random_bundle
+from bundle_fixtures import blob, make_random_bundle
 from ScoreFusionLib.cli.main import main
 from ScoreFusionLib.data.task import TaskSpec
 from ScoreFusionLib.degradation import AveragePool, ThickSlice
@@ -18,15 +18,6 @@ from ScoreFusionLib.volume import Volume
 from ScoreFusionLib.volume_io import load_volume, save_volume
 
 FAST = SamplingOptions(method="average", sampler="ddim", steps=3, seed=0, device="cpu")
-
-
-def blob(shape_kji, rng, offset=0.0):
-    """A smooth positive test image with a zero background border."""
-    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape_kji], indexing="ij")
-    body = np.exp(-(k**2 + j**2 + i**2) * 2.0) * 100.0 + offset
-    body += rng.random(shape_kji) * 5.0
-    body[0], body[:, 0], body[:, :, 0] = 0.0, 0.0, 0.0
-    return body.astype(np.float32)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bundle_fixtures import make_random_bundle
+from bundle_fixtures import blob, make_random_bundle
 from ScoreFusionLib import protocol
 from ScoreFusionLib.bundle import sha256_file
 from ScoreFusionLib.data.task import TaskSpec
@@ -184,11 +184,8 @@ def test_write_job_refuses_mismatched_inputs(tmp_path):
 
 
 # -- the real worker subprocess --------------------------------------------------------------
-def blob(shape_kji, seed=0):
-    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape_kji], indexing="ij")
-    body = np.exp(-(k**2 + j**2 + i**2) * 2.0) * 100.0 + np.random.default_rng(seed).random(shape_kji) * 5.0
-    body[0], body[:, 0], body[:, :, 0] = 0.0, 0.0, 0.0
-    return body.astype(np.float32)
+def seeded_blob(shape_kji, seed=0):
+    return blob(shape_kji, np.random.default_rng(seed))
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +201,7 @@ def mt_bundle(tmp_path_factory):
 
 
 def sr_job(folder, bundle, steps=3, lr=None, **extra):
-    lr = lr if lr is not None else Volume(blob((8, 8, 8)), AFFINE)
+    lr = lr if lr is not None else Volume(seeded_blob((8, 8, 8)), AFFINE)
     settings = {"task": "super_resolve", "contrasts": ["t1n"], "bundle": str(bundle), "sampler": "ddim",
                 "steps": steps, "device": "cpu", **extra}
     write_job(folder, {"t1n": lr}, settings)
@@ -263,7 +260,7 @@ def test_worker_super_resolves_onto_the_sr_grid(tmp_path, sr_bundle):
 
 def test_worker_synthesis_keeps_the_input_matrix(tmp_path, mt_bundle):
     job = tmp_path / "job"
-    vols = {"t1n": Volume(blob((8, 8, 8), 1), AFFINE), "t2w": Volume(blob((8, 8, 8), 2), AFFINE)}
+    vols = {"t1n": Volume(seeded_blob((8, 8, 8), 1), AFFINE), "t2w": Volume(seeded_blob((8, 8, 8), 2), AFFINE)}
     write_job(job, vols, {"task": "synthesize", "contrasts": ["t1n", "t2w"], "bundle": str(mt_bundle),
                           "sampler": "ddim", "steps": 2, "device": "cpu",
                           "bundle_sha256": sha256_file(mt_bundle / "manifest.json")})
@@ -374,7 +371,7 @@ def test_warnings_become_warning_events_in_process(tmp_path, sr_bundle):
     oblique = np.eye(4)
     oblique[:3, :3] = Rotation.from_euler("z", 30, degrees=True).as_matrix() * 2.0
     job = tmp_path / "job"
-    sr_job(job, sr_bundle, steps=2, lr=Volume(blob((8, 8, 8)), oblique))
+    sr_job(job, sr_bundle, steps=2, lr=Volume(seeded_blob((8, 8, 8)), oblique))
     buf = io.StringIO()
     assert worker.main(["run", "--job", str(job)], stream=buf) == protocol.EXIT_OK
     events = [json.loads(line) for line in buf.getvalue().splitlines()]
