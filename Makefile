@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 lint: install
-	$(VENV)/bin/ruff check ScoreFusionLib Testing benchmarks
+	$(VENV)/bin/ruff check ScoreFusionLib ScoreFusionSlicer Testing benchmarks
 
 test: install lint
 	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \

@@ -1,0 +1,1 @@
+"""Qt-free helpers of the ScoreFusion Slicer module (standard library only at import time)."""
