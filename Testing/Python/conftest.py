@@ -54,3 +54,24 @@ def make_affine(rng: np.random.Generator) -> Callable[..., np.ndarray]:
         return random_affine(rng, max_oblique_deg)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sr_bundle(tmp_path_factory):
+    """A bundle of three tiny random-weight plane models for average-pool SR x2 of t1n."""
+    from bundle_fixtures import make_random_bundle
+    from ScoreFusionLib.data.task import TaskSpec
+    from ScoreFusionLib.degradation import AveragePool
+
+    spec = TaskSpec(kind="sr", inputs=[], target="t1n", degradation=AveragePool(2))
+    return make_random_bundle(tmp_path_factory.mktemp("sr") / "bundle", spec)
+
+
+@pytest.fixture(scope="session")
+def mt_bundle(tmp_path_factory):
+    """A bundle of three tiny random-weight 2.5D plane models synthesising t2f from t1n + t2w."""
+    from bundle_fixtures import make_random_bundle
+    from ScoreFusionLib.data.task import TaskSpec
+
+    spec = TaskSpec(kind="mt", inputs=["t1n", "t2w"], target="t2f")
+    return make_random_bundle(tmp_path_factory.mktemp("mt") / "bundle", spec, neighbors=1)

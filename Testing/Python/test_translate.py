@@ -20,18 +20,6 @@ from ScoreFusionLib.volume_io import load_volume, save_volume
 FAST = SamplingOptions(method="average", sampler="ddim", steps=3, seed=0, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def sr_bundle(tmp_path_factory):
-    spec = TaskSpec(kind="sr", inputs=[], target="t1n", degradation=AveragePool(2))
-    return make_random_bundle(tmp_path_factory.mktemp("sr") / "bundle", spec)
-
-
-@pytest.fixture(scope="module")
-def mt_bundle(tmp_path_factory):
-    spec = TaskSpec(kind="mt", inputs=["t1n", "t2w"], target="t2f")
-    return make_random_bundle(tmp_path_factory.mktemp("mt") / "bundle", spec, neighbors=1)
-
-
 # LAS-like matrix with a permutation: the pipeline must reorient and undo exactly.
 PERMUTED = np.array([[0.0, -2.0, 0.0, 40.0], [0.0, 0.0, 2.0, -60.0], [-2.0, 0.0, 0.0, 25.0], [0, 0, 0, 1]])
 

@@ -12,11 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bundle_fixtures import blob, make_random_bundle
+from bundle_fixtures import blob
 from ScoreFusionLib import protocol
 from ScoreFusionLib.bundle import sha256_file
-from ScoreFusionLib.data.task import TaskSpec
-from ScoreFusionLib.degradation import AveragePool
 from ScoreFusionLib.errors import InputError
 from ScoreFusionLib.geometry import super_resolution_grid
 from ScoreFusionLib.jobio import (
@@ -186,18 +184,6 @@ def test_write_job_refuses_mismatched_inputs(tmp_path):
 # -- the real worker subprocess --------------------------------------------------------------
 def seeded_blob(shape_kji, seed=0):
     return blob(shape_kji, np.random.default_rng(seed))
-
-
-@pytest.fixture(scope="module")
-def sr_bundle(tmp_path_factory):
-    spec = TaskSpec(kind="sr", inputs=[], target="t1n", degradation=AveragePool(2))
-    return make_random_bundle(tmp_path_factory.mktemp("sr") / "bundle", spec)
-
-
-@pytest.fixture(scope="module")
-def mt_bundle(tmp_path_factory):
-    spec = TaskSpec(kind="mt", inputs=["t1n", "t2w"], target="t2f")
-    return make_random_bundle(tmp_path_factory.mktemp("mt") / "bundle", spec)
 
 
 def sr_job(folder, bundle, steps=3, lr=None, **extra):
