@@ -81,7 +81,7 @@ class SamplingOptions:
 
 @dataclass
 class TranslationResult:
-    """The output volume, its normalised residual state and the provenance of the run."""
+    """The output volume and the provenance of the run."""
 
     volume: Volume
     provenance: dict = field(default_factory=dict)
