@@ -43,6 +43,10 @@ def plane_file_name(plane: str) -> str:
     return f"plane-{plane}.safetensors"
 
 
+#: Weight file of the fuser (network and alignment layers, raw and EMA sets).
+FUSER_FILE = "fuser.safetensors"
+
+
 @dataclass
 class PlaneEntry:
     """One plane network of a bundle."""
@@ -68,6 +72,9 @@ class Manifest:
     grid: dict = field(default_factory=dict)
     diffusion: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
+    #: the trained fuser, when there is one: ``config``, ``file``, ``sha256``, ``phase``, ``steps``,
+    #: ``plane_weights`` (the set it was trained with), ``plane_sha256``, ``metrics``, ``training``
+    fuser: dict | None = None
     license: str = "MIT"
     intended_use: str = "Research and demonstration only; not for clinical use."
 
@@ -83,6 +90,7 @@ class Manifest:
             "diffusion": self.diffusion,
             "planes": {p: e.to_dict() for p, e in self.planes.items()},
             "training": self.training,
+            **({"fuser": self.fuser} if self.fuser else {}),
             "license": self.license,
             "intended_use": self.intended_use,
         }
@@ -104,7 +112,7 @@ class Manifest:
             }
             return cls(
                 task=d["task"], neighbors=int(d["neighbors"]), planes=planes, grid=d.get("grid", {}),
-                diffusion=d.get("diffusion", {}), training=d.get("training", {}),
+                diffusion=d.get("diffusion", {}), training=d.get("training", {}), fuser=d.get("fuser"),
                 license=d.get("license", "unknown"), intended_use=d.get("intended_use", ""),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -214,3 +222,41 @@ def load_plane_models(bundle_dir: str | os.PathLike, planes: list[str] | None = 
         load_state_into(model, state, f"{plane} weights in {bundle_dir}")
         models[plane] = model.to(device).eval()
     return manifest, models
+
+
+def load_fuser(bundle_dir: str | os.PathLike, which: str = "ema", plane_weights: str = "ema",
+               device: str = "cpu") -> tuple[Manifest, Any]:
+    """Build a bundle's :class:`~ScoreFusionLib.nets.score_fuser.ScoreFuser` and load its verified weights.
+
+    The fuser learned to correct specific plane weights (method.md pitfall 7), so it is refused
+    when the plane files changed since it was trained or ``plane_weights`` (the set the plane
+    models will run with) differs from the set it was trained with.
+    """
+    from .nets.fuser_config import Fuser3DConfig
+    from .nets.score_fuser import ScoreFuser
+
+    manifest = read_manifest(bundle_dir)
+    entry = manifest.fuser
+    if not entry:
+        raise BundleError(f"bundle {bundle_dir} has no trained fuser; train one with `scorefusion train fuser`")
+    if entry.get("plane_weights", "ema") != plane_weights:
+        raise BundleError(
+            f"the fuser was trained with the {entry.get('plane_weights')!r} plane weights; running the planes "
+            f"with {plane_weights!r} weights would not match it"
+        )
+    for plane, sha in entry.get("plane_sha256", {}).items():
+        current = manifest.planes.get(plane)
+        if current is None or current.sha256 != sha:
+            raise BundleError(
+                f"the {plane} plane model changed after the fuser was trained (sha256 mismatch); "
+                "retrain the fuser for the current plane models"
+            )
+    try:
+        config = Fuser3DConfig.from_dict(entry["config"])
+        file, sha = entry["file"], entry.get("sha256") or None
+    except (KeyError, TypeError) as exc:
+        raise BundleError(f"the fuser entry of {bundle_dir}/{MANIFEST} is malformed: {exc}") from exc
+    model = ScoreFuser(config)
+    state = load_weights(Path(bundle_dir) / file, which, sha)
+    load_state_into(model, state, f"fuser weights in {bundle_dir}")
+    return manifest, model.to(device).eval()

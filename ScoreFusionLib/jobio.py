@@ -50,7 +50,7 @@ class JobSettings:
     contrasts: list[str]
     bundle: str
     bundle_sha256: str | None = None
-    method: str = "average"
+    method: str = "auto"
     sampler: str = "ddpm"
     steps: int = 50
     time_grid: str = "default"

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .bundle import load_plane_models, read_manifest, sha256_file
+from .bundle import load_fuser, load_plane_models, read_manifest, sha256_file
 from .data.records import canonical_contrast
 from .data.task import TaskSpec
 from .errors import GeometryError, InputError
@@ -45,11 +45,22 @@ TIME_GRIDS = ("default", "logsnr")
 ProgressCallback = Callable[[int, int], Any]
 
 
+#: ``auto`` = ``score-fusion`` when the bundle has a trained fuser, else ``average``.
+METHODS = ("auto", "score-fusion", "average", "tpdm", "single")
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+
+
 @dataclass
 class SamplingOptions:
-    """How to sample: fusion mode, sampler, steps, seed, device and data consistency."""
+    """How to sample: fusion mode, sampler, steps, seed, device, memory bounds and data consistency.
 
-    method: str = "average"
+    ``tile_size`` is the fuser's tile side in voxels (``None``: chosen from ``max_memory_gb``,
+    or from the free memory of the device when that is ``None`` too). ``samples`` > 1 draws that
+    many samples with seeds ``seed, seed + 1, ...``: the output is their mean and
+    :attr:`TranslationResult.uncertainty` their voxel-wise standard deviation.
+    """
+
+    method: str = "auto"
     sampler: str = "ddpm"
     steps: int = 50
     time_grid: str = "default"
@@ -63,12 +74,14 @@ class SamplingOptions:
     consistency: bool = True
     consistency_strength: float = 1.0
     weights: str = "ema"
+    tile_size: int | None = None
+    max_memory_gb: float | None = None
+    samples: int = 1
+    amp: str = "auto"
 
     def validate(self) -> None:
-        from .fusion.modes import PLANE_FREE_MODES
-
-        if self.method not in PLANE_FREE_MODES:
-            raise InputError(f"unknown method {self.method!r}; use one of {', '.join(PLANE_FREE_MODES)}")
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.sampler not in SAMPLERS:
             raise InputError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
         if self.time_grid not in TIME_GRIDS:
@@ -77,14 +90,23 @@ class SamplingOptions:
             raise InputError(f"steps must lie in 1..1000, got {self.steps}")
         if self.weights not in ("ema", "raw"):
             raise InputError(f"weights must be 'ema' or 'raw', got {self.weights!r}")
+        if self.tile_size is not None and (int(self.tile_size) != self.tile_size or self.tile_size < 8):
+            raise InputError(f"the tile size must be a whole number of voxels >= 8, got {self.tile_size}")
+        if self.max_memory_gb is not None and not self.max_memory_gb > 0:
+            raise InputError(f"the memory bound must be a positive number of GB, got {self.max_memory_gb}")
+        if isinstance(self.samples, bool) or int(self.samples) != self.samples or self.samples < 1:
+            raise InputError(f"samples must be a whole number >= 1, got {self.samples}")
+        if self.amp not in AMP_MODES:
+            raise InputError(f"unknown mixed-precision mode {self.amp!r}; use one of {', '.join(AMP_MODES)}")
 
 
 @dataclass
 class TranslationResult:
-    """The output volume and the provenance of the run."""
+    """The output volume, the provenance of the run and, for several samples, their standard deviation."""
 
     volume: Volume
     provenance: dict = field(default_factory=dict)
+    uncertainty: Volume | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -139,6 +161,53 @@ class _RealRegionProjector:
         return out
 
 
+class _Conditioning:
+    """Builds the fixed network inputs for any subset of the conditions (one per plane-model group)."""
+
+    def __init__(self, conditions: np.ndarray, coords: Any, device: str) -> None:
+        import torch
+
+        self.conditions = conditions
+        self.tensor = torch.from_numpy(conditions).to(device)
+        self.coords = coords
+        self.device = device
+
+    def build(self, indices: Sequence[int]) -> Any:
+        import torch
+
+        from .fusion.slice_scorer import VolumeConditioning
+
+        idx = list(indices)
+        mask = torch.from_numpy(mask_channel(self.conditions[idx[0]])[None]).to(self.device)
+        return VolumeConditioning(conditions=self.tensor[idx], coords=self.coords, mask=mask)
+
+
+def _autocast(amp: str, device: str) -> Callable[[], Any] | None:
+    """Autocast factory for the network calls on CUDA (bf16 where supported), ``None`` on CPU."""
+    if not device.startswith("cuda") or amp == "none":
+        return None
+    import torch
+
+    if amp == "auto":
+        if not torch.cuda.is_bf16_supported():
+            return None
+        amp = "bf16"
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type="cuda", dtype=dtype)
+
+
+class _Autocasting:
+    """An epsilon model whose network calls run under autocast; the sampler's arithmetic stays float32."""
+
+    def __init__(self, model: Any, autocast: Callable[[], Any]) -> None:
+        self.model = model
+        self.autocast = autocast
+
+    def __call__(self, r_t: Any, t: int, abar_t: float) -> Any:
+        with self.autocast():
+            return self.model(r_t, t, abar_t).float()
+
+
 def _padded_shape(shape_dhw: Sequence[int], multiples_dhw: Sequence[int]) -> tuple[int, int, int]:
     return tuple(int(math.ceil(n / m) * m) for n, m in zip(shape_dhw, multiples_dhw))
 
@@ -156,6 +225,23 @@ def _requested_factors(lr: Volume, factor: Any, spacing: Any) -> tuple[int, int,
     return tuple(int(v) for v in f)
 
 
+def resolve_method(bundle_dir: str | Path, method: str) -> str:
+    """The fusion mode ``method`` means for this bundle (``auto``: score-fusion when it has a fuser).
+
+    Raises :class:`InputError` for score-fusion on a bundle without a trained fuser, so callers
+    running several methods can refuse before any work is done.
+    """
+    has_fuser = bool(read_manifest(bundle_dir).fuser)
+    if method == "auto":
+        return "score-fusion" if has_fuser else "average"
+    if method == "score-fusion" and not has_fuser:
+        raise InputError(
+            f"bundle {bundle_dir} has no trained fuser, so score-fusion is unavailable; train one with "
+            "`scorefusion train fuser`, or use --method average, tpdm or single"
+        )
+    return method
+
+
 class _Translator:
     """One run of the pipeline; split in steps so each stays small and testable."""
 
@@ -165,6 +251,7 @@ class _Translator:
         self.options = options
         self.manifest = read_manifest(self.bundle_dir)
         self.spec = TaskSpec.from_dict(self.manifest.task)
+        self.method = resolve_method(self.bundle_dir, options.method)
         self.log: list[str] = []
 
     def warn(self, msg: str) -> None:
@@ -215,15 +302,21 @@ class _Translator:
             if factor is not None or spacing is not None:
                 raise InputError("a synthesis model keeps the input grid; a factor or spacing makes no sense")
             conditions, norms, hr_affine, op = self._mt_conditions(reoriented)
-        residual = self._sample(conditions, op, progress)
-        c_ref = conditions[0]
+        outputs = []
         out_norm = norms[self.spec.inputs[0]]
-        y = out_norm.invert(c_ref + 2.0 * residual).astype(np.float32)
-        out = record.undo(Volume(y, hr_affine))
+        for k in range(int(self.options.samples)):
+            residual = self._sample(conditions, op, progress, int(self.options.seed) + k, k)
+            outputs.append(out_norm.invert(conditions[0] + 2.0 * residual).astype(np.float32))
+        mean = np.mean(outputs, axis=0, dtype=np.float64).astype(np.float32) if len(outputs) > 1 else outputs[0]
+        out = record.undo(Volume(mean, hr_affine))
+        uncertainty = None
+        if len(outputs) > 1:
+            spread = np.std(outputs, axis=0, ddof=1, dtype=np.float64).astype(np.float32)
+            uncertainty = record.undo(Volume(spread, hr_affine))
         provenance = self._provenance(norms, time.perf_counter() - start)
-        if self.options.method == "tpdm":
+        if self.method == "tpdm":
             provenance["planes_per_step"] = [list(p) for p in self.plane_history]
-        return TranslationResult(out, provenance)
+        return TranslationResult(out, provenance, uncertainty)
 
     def _sr_conditions(self, named, reoriented, factor, spacing, record):
         op = self.spec.degradation
@@ -301,53 +394,98 @@ class _Translator:
         return np.stack(conds), norms, reoriented[self.spec.inputs[0]].affine, None
 
     # -- sampling ----------------------------------------------------------------------
-    def _sample(self, conditions: np.ndarray, op: Any, progress: ProgressCallback | None) -> np.ndarray:
+    def _sample(self, conditions: np.ndarray, op: Any, progress: ProgressCallback | None, seed: int,
+                sample_index: int) -> np.ndarray:
         import torch
 
         from .diffusion.hooks import make_x0_hook
         from .diffusion.samplers import sample
         from .diffusion.schedule import FusedSchedule, logsnr_steps
-        from .fusion.modes import PlaneEnsemble
-        from .fusion.slice_scorer import SliceScorer, VolumeConditioning
 
         opts = self.options
         device = resolve_device(opts.device)
-        planes = self._planes_needed()
-        _, models = load_plane_models(self.bundle_dir, planes, which=opts.weights, device=device)
-        divisor = max(m.required_divisor for m in models.values())
-        multiples = [divisor] * 3
+        models = self._models(device)
+        multiples = [self._grid_multiple(models)] * 3
         if op is not None:
-            multiples = [int(np.lcm(divisor, f)) for f in op.factors[::-1]]  # (D, H, W) order
+            multiples = [int(np.lcm(multiples[0], f)) for f in op.factors[::-1]]  # (D, H, W) order
         shape = conditions.shape[1:]
         padded = _padded_shape(shape, multiples)
         conds = np.stack([_pad_edge(c, padded) for c in conditions]).astype(np.float32)
-        cond = VolumeConditioning(
-            conditions=torch.from_numpy(conds).to(device),
-            coords=torch.from_numpy(_extended_coordinates(shape, padded)).to(device),
-            mask=torch.from_numpy(mask_channel(conds[0])[None]).to(device),
-        )
-        scorers = {p: SliceScorer(m, p, self.manifest.neighbors, opts.slice_batch) for p, m in models.items()}
-        ensemble = PlaneEnsemble(scorers, cond, opts.method, opts.plane, opts.tpdm_probabilities,
-                                 opts.tpdm_cycle, seed=opts.seed)
+        coords = torch.from_numpy(_extended_coordinates(shape, padded)).to(device)
+        cond = _Conditioning(conds, coords, device)
+        eps_model = self._eps_model(models, cond, seed, device)
         projector = _RealRegionProjector(op, shape) if (op is not None and opts.consistency) else None
         hook = make_x0_hook(clip=True, projector=projector, strength=opts.consistency_strength)
-        generator = torch.Generator().manual_seed(int(opts.seed))
+        generator = torch.Generator().manual_seed(int(seed))
+        samples = int(opts.samples)
 
         def callback(i: int, total: int, t: int) -> None:
             if progress is not None:
-                progress(i + 1, total)
+                progress(sample_index * total + i + 1, samples * total)
 
         schedule = FusedSchedule()
         grid = logsnr_steps(int(opts.steps), schedule) if opts.time_grid == "logsnr" else int(opts.steps)
-        state = sample(opts.sampler, ensemble, (1, *padded), schedule, grid, eta=opts.eta,
+        state = sample(opts.sampler, eps_model, (1, *padded), schedule, grid, eta=opts.eta,
                        x0_hook=hook, generator=generator, device=device, callback=callback)
-        self.plane_history = ensemble.history
+        self.plane_history = getattr(self, "_ensemble", None) and self._ensemble.history
         r0 = state[0].detach().cpu().numpy().astype(np.float32)
         return r0[: shape[0], : shape[1], : shape[2]]
 
+    def _models(self, device: str) -> dict:
+        """Plane models (and the fuser), loaded once per run."""
+        if getattr(self, "_loaded", None) is None:
+            _, planes = load_plane_models(self.bundle_dir, self._planes_needed(), which=self.options.weights,
+                                          device=device)
+            fuser = None
+            if self.method == "score-fusion":
+                _, fuser = load_fuser(self.bundle_dir, "ema", self.options.weights, device)
+            self._loaded = {"planes": planes, "fuser": fuser}
+        return self._loaded
+
+    @staticmethod
+    def _grid_multiple(models: dict) -> int:
+        divisor = max(m.required_divisor for m in models["planes"].values())
+        fuser = models["fuser"]
+        if fuser is not None:
+            factors = [f for f, _ in fuser.config.aligned_channels]
+            divisor = int(np.lcm.reduce([divisor, fuser.config.required_divisor, *factors]))
+        return divisor
+
+    def _eps_model(self, models: dict, cond: _Conditioning, seed: int, device: str) -> Any:
+        from .fusion.modes import PlaneEnsemble
+        from .fusion.score_fusion import MAIN_GROUP, PlaneGroup, ScoreFusionModel
+        from .fusion.slice_scorer import SliceScorer
+
+        opts = self.options
+        scorers = {p: SliceScorer(m, p, self.manifest.neighbors, opts.slice_batch)
+                   for p, m in models["planes"].items()}
+        full = cond.build(range(self.spec.n_conditions))
+        autocast = _autocast(opts.amp, device)
+        if self.method != "score-fusion":
+            self._ensemble = PlaneEnsemble(scorers, full, self.method, opts.plane, opts.tpdm_probabilities,
+                                           opts.tpdm_cycle, seed=seed)
+            return self._ensemble if autocast is None else _Autocasting(self._ensemble, autocast)
+        fuser = models["fuser"]
+        tile = self._tile_size(fuser.config, full.shape, device)
+        return ScoreFusionModel(fuser, [PlaneGroup(MAIN_GROUP, scorers, full)], full, tile, autocast)
+
+    def _tile_size(self, config: Any, shape: Sequence[int], device: str) -> int:
+        from .fusion.tiling import auto_tile_size, estimate_fuser_bytes_per_voxel, free_memory_bytes
+
+        multiple = self._grid_multiple(self._loaded)
+        if self.options.tile_size is not None:
+            tile = int(math.ceil(int(self.options.tile_size) / multiple) * multiple)
+        else:
+            budget = (self.options.max_memory_gb * 2**30 if self.options.max_memory_gb is not None
+                      else 0.5 * free_memory_bytes(device))
+            per_voxel = estimate_fuser_bytes_per_voxel(config.level_channels, config.num_res_blocks)
+            tile = auto_tile_size(shape, per_voxel, budget, multiple)
+        self.tile_used = min(tile, int(math.ceil(max(shape) / multiple) * multiple))
+        return self.tile_used
+
     def _planes_needed(self) -> list[str]:
         available = list(self.manifest.planes)
-        if self.options.method == "single":
+        if self.method == "single":
             plane = self.options.plane or ("sagittal" if "sagittal" in available else available[0])
             if plane not in available:
                 raise InputError(f"the bundle has no {plane} model (it has {', '.join(available)})")
@@ -363,7 +501,11 @@ class _Translator:
             "plane_weights": {p: e.sha256 for p, e in self.manifest.planes.items()},
             "weights": opts.weights,
             "task": self.spec.to_dict(),
-            "method": opts.method,
+            "method": self.method,
+            **({"fuser_sha256": self.manifest.fuser.get("sha256"), "fuser_phase": self.manifest.fuser.get("phase"),
+                "tile_size": getattr(self, "tile_used", None)} if self.method == "score-fusion" else {}),
+            "samples": int(opts.samples),
+            "output": "mean of the samples" if int(opts.samples) > 1 else "one sample",
             "sampler": opts.sampler,
             "steps": int(opts.steps),
             "time_grid": opts.time_grid,

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..errors import InputError
 
-METHOD_HELP = "fusion of the plane models: average (TOSM/MADM), tpdm (one plane per step) or single"
+METHOD_HELP = ("how the plane models are combined: score-fusion (the trained 3D fuser; the default when the bundle "
+               "has one), average (TOSM/MADM; the default otherwise), tpdm (one plane per step) or single")
 
 
 def _sidecar_path(output: Path) -> Path:
@@ -28,7 +29,8 @@ def _sidecar_path(output: Path) -> Path:
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, help="output volume (.nii.gz, .nrrd, .mha, ...)")
     parser.add_argument("--model", required=True, type=Path, metavar="BUNDLE", help="trained model bundle folder")
-    parser.add_argument("--method", default="average", choices=("average", "tpdm", "single"), help=METHOD_HELP)
+    parser.add_argument("--method", default="auto", choices=("auto", "score-fusion", "average", "tpdm", "single"),
+                        help=METHOD_HELP)
     parser.add_argument("--plane", choices=("axial", "coronal", "sagittal"), help="plane used by --method single")
     parser.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim", "dpmpp_2m"),
                         help="ddpm = respaced ancestral, the paper's and our default; ddim / dpmpp_2m are "
@@ -42,6 +44,19 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--slice-batch", type=int, default=8, help="slices per plane-model call (memory bound)")
     parser.add_argument("--weights", default="ema", choices=("ema", "raw"), help="plane weights to use")
+    parser.add_argument("--tile-size", type=int, metavar="N",
+                        help="score-fusion: fuser tile side in voxels (multiple of 8); default: the largest tile "
+                        "that fits --max-memory")
+    parser.add_argument("--max-memory", type=float, metavar="GB",
+                        help="score-fusion: memory the fuser may use per tile (default: half the free GPU memory, "
+                        "or half the available RAM on CPU)")
+    parser.add_argument("--samples", type=int, default=1, metavar="K",
+                        help="draw K samples (seeds SEED..SEED+K-1); the output is their mean")
+    parser.add_argument("--uncertainty", type=Path, metavar="FILE",
+                        help="with --samples K >= 2: write the voxel-wise standard deviation of the samples here")
+    parser.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
+                        help="mixed precision of the networks on CUDA (auto: bf16 where supported); the sampler "
+                        "itself always computes in float32")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -104,14 +119,15 @@ def _options(args: argparse.Namespace, consistency: bool = True, strength: float
         method=args.method, sampler=args.sampler, steps=args.steps, time_grid=args.time_grid, eta=args.eta,
         seed=args.seed,
         device=args.device, slice_batch=args.slice_batch, plane=args.plane, consistency=consistency,
-        consistency_strength=strength, weights=args.weights,
+        consistency_strength=strength, weights=args.weights, tile_size=args.tile_size, max_memory_gb=args.max_memory,
+        samples=args.samples, amp=args.amp,
     )
 
 
 def _run_with_progress(args: argparse.Namespace, fn):
     from tqdm import tqdm
 
-    bar = tqdm(total=args.steps, desc=f"{args.method} / {args.sampler}", unit="step", file=sys.stderr,
+    bar = tqdm(total=args.steps * args.samples, desc=f"{args.method} / {args.sampler}", unit="step", file=sys.stderr,
                disable=args.no_progress)
 
     def progress(done: int, total: int) -> None:
@@ -125,20 +141,39 @@ def _run_with_progress(args: argparse.Namespace, fn):
         bar.close()
 
 
-def _write(result, output: Path, description: str) -> None:
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse impossible output requests before any work is done."""
+    if args.samples < 1:
+        raise InputError(f"--samples must be at least 1, got {args.samples}")
+    if args.uncertainty is not None and args.samples < 2:
+        raise InputError("--uncertainty needs --samples K with K >= 2 (the spread of one sample is undefined)")
+    for path in (args.output, args.uncertainty):
+        if path is not None and path.exists() and path.is_dir():
+            raise InputError(f"output {path} is a folder; give a file name")
+    if args.uncertainty is not None and args.uncertainty.resolve() == args.output.resolve():
+        raise InputError("--uncertainty must name a different file than --output")
+
+
+def _write(result, args: argparse.Namespace, description: str) -> None:
     from ..atomic import write_text_atomic
     from ..volume_io import save_volume
 
-    if output.exists() and output.is_dir():
-        raise InputError(f"output {output} is a folder; give a file name")
+    output = args.output
     sidecar = _sidecar_path(output)
     write_text_atomic(sidecar, json.dumps(result.provenance, indent=2) + "\n")
+    written = [sidecar]
     try:
+        if args.uncertainty is not None:
+            save_volume(result.uncertainty, args.uncertainty,
+                        description=f"ScoreFusion sample standard deviation, {args.samples} samples")
+            written.append(args.uncertainty)
         save_volume(result.volume, output, description=description)
     except BaseException:
-        sidecar.unlink(missing_ok=True)  # never leave provenance for an output that was not written
+        for path in written:  # never leave provenance or a spread map for an output that was not written
+            path.unlink(missing_ok=True)
         raise
-    print(f"wrote {output} and {sidecar}")
+    extra = f", {args.uncertainty}" if args.uncertainty is not None else ""
+    print(f"wrote {output}{extra} and {sidecar}")
 
 
 def run_super_resolve(args: argparse.Namespace) -> int:
@@ -147,6 +182,7 @@ def run_super_resolve(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.consistency_strength <= 1.0:
         raise InputError(f"--consistency-strength must lie in [0, 1], got {args.consistency_strength}")
+    _check_outputs(args)
     volume = load_volume(args.input)
     extra = {c: load_volume(p) for c, p in _parse_inputs(args.extra).items()}
     factor = args.factor[0] if args.factor and len(args.factor) == 1 else args.factor
@@ -155,7 +191,7 @@ def run_super_resolve(args: argparse.Namespace) -> int:
     options = _options(args, not args.no_consistency, args.consistency_strength)
     result = _run_with_progress(args, lambda progress: super_resolve(
         volume, args.model, options, factor=factor, spacing=args.spacing, extra_inputs=extra, progress=progress))
-    _write(result, args.output, "AI-generated ScoreFusion super-resolution; not for diagnosis")
+    _write(result, args, "AI-generated ScoreFusion super-resolution; not for diagnosis")
     return 0
 
 
@@ -169,8 +205,9 @@ def run_synthesize(args: argparse.Namespace) -> int:
     target = canonical_contrast(args.target)
     if canonical_contrast(manifest.task["target"]) != target:
         raise InputError(f"the bundle synthesises {manifest.task['target']!r}, not {args.target!r}")
+    _check_outputs(args)
     inputs = {c: load_volume(p) for c, p in _parse_inputs(args.inputs).items()}
     options = _options(args)
     result = _run_with_progress(args, lambda progress: synthesize(inputs, args.model, options, progress=progress))
-    _write(result, args.output, f"AI-generated synthetic {target} (arbitrary units); not for diagnosis")
+    _write(result, args, f"AI-generated synthetic {target} (arbitrary units); not for diagnosis")
     return 0

@@ -9,7 +9,7 @@ bounded by the batch, not the volume.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..data.slices import plane_axis, plane_network_input
 from ..errors import InputError
@@ -61,25 +61,41 @@ class SliceScorer:
         self.neighbors = int(neighbors)
         self.batch_size = int(batch_size)
 
-    def __call__(self, noisy: Any, gamma: float, cond: VolumeConditioning) -> Any:
-        """Noise estimate (1, D, H, W) for the noisy residual ``noisy`` (1, D, H, W) at level ``gamma``."""
+    def __call__(self, noisy: Any, gamma: float, cond: VolumeConditioning,
+                 feature_sink: Callable[[int, int, dict[int, Any]], None] | None = None) -> Any:
+        """Noise estimate (1, D, H, W) for the noisy residual ``noisy`` (1, D, H, W) at level ``gamma``.
+
+        With ``feature_sink``, the model's decoder features of every batch of slices
+        ``start .. stop - 1`` are handed to ``feature_sink(start, stop, {factor: (S, C, rows/f,
+        cols/f)})`` (detached) as soon as they exist, and batches are widened to a multiple of
+        the coarsest feature factor so each one covers whole stride-f windows (method.md 4.5).
+        """
         import torch
 
         if tuple(noisy.shape) != (1, *cond.shape):
             raise InputError(f"noisy state must have shape {(1, *cond.shape)}, got {tuple(noisy.shape)}")
         self.model.eval()
         n = cond.shape[self.axis]
+        batch = self.batch_size
+        if feature_sink is not None:
+            multiple = self.model.required_divisor
+            batch = -(-batch // multiple) * multiple
         out = torch.empty_like(noisy)
-        with torch.no_grad():
-            for start in range(0, n, self.batch_size):
-                idx = list(range(start, min(start + self.batch_size, n)))
+        # float64 keeps gamma == abar_t exact (MPS has no float64)
+        g_dtype = torch.float32 if noisy.device.type == "mps" else torch.float64
+        for start in range(0, n, batch):
+            idx = list(range(start, min(start + batch, n)))
+            with torch.no_grad():
                 x = plane_network_input(
                     cond.conditions, cond.coords, cond.mask, noisy, self.plane, idx, self.neighbors
                 )
-                # float64 keeps gamma == abar_t exact (MPS has no float64)
-                g_dtype = torch.float32 if x.device.type == "mps" else torch.float64
                 g = torch.full((len(idx),), float(gamma), dtype=g_dtype, device=x.device)
-                eps = self.model(x, g)  # (S, 1, rows, cols)
+                if feature_sink is not None:
+                    eps, features = self.model(x, g, return_features=True)
+                else:
+                    eps, features = self.model(x, g), None
                 placed = eps[:, 0].movedim(0, self.axis).to(out.dtype)
                 out[0].index_copy_(self.axis, torch.as_tensor(idx, device=out.device), placed)
+            if feature_sink is not None:
+                feature_sink(start, idx[-1] + 1, features)
         return out

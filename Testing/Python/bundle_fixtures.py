@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ScoreFusionLib.bundle import Manifest, PlaneEntry, plane_file_name, save_weights, write_manifest
+from ScoreFusionLib.bundle import (
+    Manifest,
+    PlaneEntry,
+    plane_file_name,
+    read_manifest,
+    save_weights,
+    write_manifest,
+)
 from ScoreFusionLib.data.slices import plane_input_channels
 from ScoreFusionLib.data.task import TaskSpec
 from ScoreFusionLib.nets.configs import unet2d_config
@@ -44,6 +51,45 @@ def make_random_bundle(
     write_manifest(folder, Manifest(task=spec.to_dict(), neighbors=neighbors, planes=entries, grid=grid or {},
                                     training={"note": "random weights for tests"}))
     return folder
+
+
+def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    """Overwrite every parameter (zero-initialised head included) with small seeded Gaussian values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return module
+
+
+def add_fuser(bundle: Path, preset: str = "tiny", aligned: bool = False, random_seed: int | None = None) -> Path:
+    """Add a freshly built fuser (zero head: exactly the plane average) or, with ``random_seed``,
+    a randomised one to a bundle, recorded as a finished phase-crops fuser."""
+    from ScoreFusionLib.data.slices import plane_axis
+    from ScoreFusionLib.nets.configs import UNet2DConfig
+    from ScoreFusionLib.nets.fuser_config import fuser_config
+    from ScoreFusionLib.nets.score_fuser import ScoreFuser
+
+    manifest = read_manifest(bundle)
+    n = len(manifest.planes)
+    m = TaskSpec.from_dict(manifest.task).n_conditions
+    sources, channels = (), ()
+    if aligned:
+        sources = tuple((p, plane_axis(p)) for p in manifest.planes)
+        plane_cfg = UNet2DConfig.from_dict(next(iter(manifest.planes.values())).config)
+        channels = tuple(plane_cfg.feature_channels.items())
+    config = fuser_config(preset, 1 + m + 3 + 1 + n, n, aligned_sources=sources, aligned_channels=channels)
+    torch.manual_seed(0)
+    model = ScoreFuser(config)
+    if random_seed is not None:
+        randomize_(model, random_seed)
+    state = model.state_dict()
+    sha = save_weights(bundle / "fuser-crops.safetensors", {"raw": state, "ema": state})
+    entry = {"config": config.to_dict(), "file": "fuser-crops.safetensors", "sha256": sha, "steps": 0, "metrics": {}}
+    manifest.fuser = {**entry, "phase": "crops", "plane_weights": "ema",
+                      "plane_sha256": {p: e.sha256 for p, e in manifest.planes.items()}, "phases": {"crops": entry}}
+    write_manifest(bundle, manifest)
+    return bundle
 
 
 def blob(shape_kji: Sequence[int], rng: np.random.Generator, offset: float = 0.0) -> np.ndarray:
