@@ -1,7 +1,7 @@
-"""``scorefusion train planes``: train the 2D plane models into a model bundle.
+"""``scorefusion train planes`` and ``train fuser``: train the plane models, then the fuser, into a bundle.
 
-Registered on the main command through :func:`add_parser`; further training stages (the
-fuser) can be added as siblings of ``planes`` in :data:`TRAIN_STAGES`. The module can also
+Registered on the main command through :func:`add_parser`; the stages are listed in
+:data:`TRAIN_STAGES`. The module can also
 run on its own (``python -m ScoreFusionLib.cli.train_cmd planes ...``), with the same exit
 codes as the main command (2 for bad input).
 """
@@ -16,7 +16,8 @@ import sys
 import textwrap
 from collections.abc import Iterator, Sequence
 
-HELP = "train models: 'train planes' trains the axial/coronal/sagittal 2D plane models"
+HELP = ("train models: 'train planes' trains the axial/coronal/sagittal 2D plane models, 'train fuser' the 3D "
+        "fuser on top of them")
 
 PLANES_DESCRIPTION = textwrap.dedent(
     """\
@@ -148,8 +149,126 @@ def _add_planes_parser(stages: argparse._SubParsersAction) -> argparse.ArgumentP
     return p
 
 
+FUSER_DESCRIPTION = textwrap.dedent(
+    """\
+    Train the 3D fuser of a bundle's plane models and store it in the bundle
+    (BUNDLE/fuser-<phase>.safetensors, raw + EMA; the manifest's 'fuser' entry).
+
+    Phase crops (A): random crops (--crop-size, default 64), no feature alignment.
+    Phase full (B): whole volumes with the planes' decoder features aligned into the fuser's
+    encoder (zero-initialised alignment convolutions), starting from phase A's EMA weights.
+
+    Per item: t ~ U{0..999}, r_t by the fused schedule; the frozen plane models (eval mode,
+    --plane-weights) score the item's slices at gamma = abar_t; the fuser fuses their
+    estimates; loss 5 mean|eps_hat - eps| + 150 mean (eps_hat - eps)^2; Adam without weight
+    decay; --batch-size items per step with gradient accumulation; EMA copied before
+    --ema-start, then decay --ema-decay every --ema-every steps. Validation compares the
+    held-out eps error of the fused estimate with that of the plain plane average.
+    Draws depend only on (--seed, phase, item), so --resume continues exactly and
+    'torchrun' processes split each step's items and average their gradients.
+    """
+)
+
+FUSER_EPILOG = textwrap.dedent(
+    """\
+    examples:
+      scorefusion train fuser --bundle bundle-sr --data sim --phase crops --config tiny --steps 2000
+      scorefusion train fuser --bundle bundle-sr --data sim --phase full --steps 1000
+      torchrun --nproc_per_node 4 -m ScoreFusionLib train fuser --bundle B --data BraTS2021 --batch-size 4
+    """
+)
+
+
+def _add_fuser_parser(stages: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from ..nets.fuser_config import FUSER_PRESETS
+
+    d = _fuser_defaults()
+    p = stages.add_parser("fuser", help="train the 3D fuser of a bundle", description=FUSER_DESCRIPTION,
+                          epilog=FUSER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("bundle and data")
+    g.add_argument("--bundle", required=True, metavar="BUNDLE_DIR", help="bundle with the trained plane models")
+    g.add_argument("--data", required=True, metavar="DIR_OR_MANIFEST",
+                   help="the dataset the plane models were trained on (the same split is used)")
+    g.add_argument("--phase", choices=("crops", "full"), default=d.phase, help="crops (A) or full (B)")
+    g.add_argument("--cache", default=None, metavar="DIR", help="memory-map prepared cases from this folder")
+    g = p.add_argument_group("network and optimisation")
+    g.add_argument("--config", choices=FUSER_PRESETS, default=None,
+                   help="fuser preset (default: paper for crops; phase full continues phase crops' configuration)")
+    g.add_argument("--steps", type=int, default=d.steps, help=f"optimiser steps (default {d.steps})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"items per step over all processes, accumulated one at a time (default {d.batch_size})")
+    g.add_argument("--crop-size", type=int, default=d.crop_size,
+                   help=f"crop side for phase crops, or for phase full with --crops (default {d.crop_size})")
+    g.add_argument("--crops", action="store_true", help="phase full on crops instead of whole volumes")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
+    g.add_argument("--l1-weight", type=float, default=d.l1_weight, help=f"default {d.l1_weight}")
+    g.add_argument("--mse-weight", type=float, default=d.mse_weight, help=f"default {d.mse_weight}")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip (default 0: off)")
+    g.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"default {d.ema_decay}")
+    g.add_argument("--ema-every", type=int, default=d.ema_every, help=f"default {d.ema_every}")
+    g.add_argument("--ema-start", type=int, default=d.ema_start,
+                   help=f"EMA = raw weights before this step (default {d.ema_start})")
+    g.add_argument("--plane-weights", choices=("ema", "raw"), default=d.plane_weights,
+                   help="plane weights the fuser is trained with and must later run with (default ema)")
+    g.add_argument("--from-scratch", action="store_true", help="phase full without a phase-crops fuser")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute fuser activations in the backward pass (less memory, slower)")
+    g.add_argument("--slice-batch", type=int, default=d.slice_batch, help="slices per plane-model call")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("run control")
+    g.add_argument("--val-every", type=int, default=d.val_every, help="validation period (0: only at the end)")
+    g.add_argument("--val-draws", type=int, default=d.val_draws, help="fixed noise levels per held-out case")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run of this phase")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing fuser of this phase")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N steps (resume later)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
+                   help="autocast on CUDA (auto: bf16 where supported); CPU always runs none")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads for this run")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    p.set_defaults(func=run_fuser)
+    return p
+
+
+def _fuser_defaults():  # -> FuserTrainingOptions
+    from ..train.fuser_options import FuserTrainingOptions
+
+    return FuserTrainingOptions(bundle="", data="")
+
+
+def run_fuser(args: argparse.Namespace) -> int:
+    """Train one fuser phase, then print its summary (rank 0 only)."""
+    from ..bundle import read_manifest
+    from ..train.distributed import world_from_env
+    from ..train.fuser import format_fuser_summary, train_fuser
+    from ..train.fuser_options import FuserTrainingOptions
+
+    argv = getattr(args, "argv", None)
+    options = FuserTrainingOptions(
+        bundle=args.bundle, data=args.data, phase=args.phase, config=args.config, steps=args.steps,
+        batch_size=args.batch_size, crop_size=args.crop_size, full_volume=not args.crops, lr=args.lr,
+        l1_weight=args.l1_weight, mse_weight=args.mse_weight, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
+        ema_every=args.ema_every, ema_start=args.ema_start, plane_weights=args.plane_weights,
+        from_scratch=args.from_scratch, gradient_checkpointing=args.gradient_checkpointing,
+        slice_batch=args.slice_batch, val_every=args.val_every, val_draws=args.val_draws, seed=args.seed,
+        device=args.device, amp=args.amp, cache=args.cache, checkpoint_every=args.checkpoint_every,
+        resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after, threads=args.threads,
+        quiet=args.quiet, command_line=shlex.join(["scorefusion", *(sys.argv[1:] if argv is None else argv)]),
+    )
+    is_main = world_from_env()[0] == 0
+    with _training_log(options.quiet, is_main):
+        out = train_fuser(options)
+    if is_main:
+        fuser = read_manifest(out).fuser
+        if fuser and fuser.get("phase") == options.phase and options.quiet:
+            print(format_fuser_summary(fuser, out), file=sys.stderr)
+        print(out)
+    return 0
+
+
 #: ``train`` stages: name -> function adding its parser.
-TRAIN_STAGES = {"planes": _add_planes_parser}
+TRAIN_STAGES = {"planes": _add_planes_parser, "fuser": _add_fuser_parser}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

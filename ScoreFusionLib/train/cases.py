@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,17 +78,17 @@ def _cache_folder(cache: Path, rec: CaseRecord, spec: TaskSpec, grid: object) ->
     return cache / hashlib.sha256(key.encode("utf-8")).hexdigest()[:20] / rec.case_id
 
 
-def _prepare(rec: CaseRecord, options: PlaneTrainingOptions, spec: TaskSpec, cache: Path | None,
-             check: object) -> PreparedCase:
+def _prepare(rec: CaseRecord, grid_ijk: Sequence[int] | None, spec: TaskSpec, cache: Path | None,
+             check: Callable[[tuple[int, int, int], str], None]) -> PreparedCase:
     """One prepared case (from the cache when present); ``check(shape_ijk, case_id)`` vets its grid."""
-    folder = _cache_folder(cache, rec, spec, options.grid and list(options.grid)) if cache else None
+    folder = _cache_folder(cache, rec, spec, grid_ijk and list(grid_ijk)) if cache else None
     if folder is not None and (folder / "case.json").is_file():
         case = load_prepared(folder, mmap=True)
         check(tuple(int(n) for n in case.shape[::-1]), rec.case_id)
         return case
     # Inference reorients every input to RAS-aligned axes, so training must see the same
     # orientation (BraTS files are stored LPS: unreoriented slices would be mirrored).
-    loaded = load_case(rec, spec.contrasts, grid_shape_ijk=options.grid, reorient=True)
+    loaded = load_case(rec, spec.contrasts, grid_shape_ijk=grid_ijk, reorient=True)
     check(tuple(int(n) for n in next(iter(loaded.volumes.values())).shape_ijk), rec.case_id)
     case = prepare_case(loaded, spec)
     if folder is None:
@@ -102,10 +103,21 @@ def _prepare(rec: CaseRecord, options: PlaneTrainingOptions, spec: TaskSpec, cac
 
 
 def load_training_data(options: PlaneTrainingOptions, spec: TaskSpec) -> TrainingData:
-    """Discover, split, load and prepare the cases named by ``options.data``."""
-    source = str(Path(options.data).expanduser().resolve())
-    records = load_cases(options.data)
-    split = split_cases(records, mode="paper", train_fraction=1.0 - float(options.val_fraction))
+    """Discover, split, load and prepare the cases named by ``options.data`` for plane training."""
+    return load_task_cases(options.data, spec, val_fraction=float(options.val_fraction), grid_ijk=options.grid,
+                           cache=options.cache, check_grid=options.check_grid)
+
+
+def load_task_cases(data: str | Path, spec: TaskSpec, *, val_fraction: float, grid_ijk: Sequence[int] | None,
+                    cache: str | Path | None, check_grid: Callable[[tuple[int, int, int], str], None]) -> TrainingData:
+    """Split (paper rule) and prepare the cases of ``data`` on one model grid.
+
+    ``check_grid(grid_ijk, what)`` vets the first case's grid (the networks' divisibility);
+    every later case must have the same grid.
+    """
+    source = str(Path(data).expanduser().resolve())
+    records = load_cases(data)
+    split = split_cases(records, mode="paper", train_fraction=1.0 - float(val_fraction))
     _check_contrasts(split.train + split.test, spec)
     grid: tuple[int, int, int] | None = None
     first = ""
@@ -114,8 +126,8 @@ def load_training_data(options: PlaneTrainingOptions, spec: TaskSpec) -> Trainin
         nonlocal grid, first
         if grid is None:
             grid, first = shape, case_id
-            what = "--grid" if options.grid is not None else f"the native grid of case {case_id}"
-            options.check_grid(grid, what)
+            what = "--grid" if grid_ijk is not None else f"the native grid of case {case_id}"
+            check_grid(grid, what)
         elif shape != grid:
             raise GeometryError(
                 f"case {case_id} has the native grid {shape[0]}x{shape[1]}x{shape[2]} (i, j, k) but case "
@@ -123,8 +135,8 @@ def load_training_data(options: PlaneTrainingOptions, spec: TaskSpec) -> Trainin
                 "(use --grid I J K to crop/pad them to a common one)"
             )
 
-    cache = Path(options.cache).expanduser().resolve() if options.cache else None
-    prepared = {rec.case_id: _prepare(rec, options, spec, cache, check) for rec in split.train + split.test}
+    cache_dir = Path(cache).expanduser().resolve() if cache else None
+    prepared = {rec.case_id: _prepare(rec, grid_ijk, spec, cache_dir, check) for rec in split.train + split.test}
     assert grid is not None
     ref = prepared[split.train[0].case_id]
     spacing = [float(s) for s in np.linalg.norm(np.asarray(ref.affine)[:3, :3], axis=0)]

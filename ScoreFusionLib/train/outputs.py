@@ -109,12 +109,16 @@ def _short(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def compare_signatures(old: dict, new: dict, where: str) -> None:
-    """Raise :class:`ResumeError` naming every field in which ``new`` differs from ``old``."""
+def compare_signatures(old: dict, new: dict, where: str, fields: dict[str, str] | None = None) -> None:
+    """Raise :class:`ResumeError` naming every field in which ``new`` differs from ``old``.
+
+    ``fields`` maps signature keys to the options that set them (default: plane training's).
+    """
+    fields = SIGNATURE_FIELDS if fields is None else fields
     diffs = []
-    for key in SIGNATURE_FIELDS:
+    for key in fields:
         if old.get(key) != new.get(key):
-            diffs.append(f"{key} ({SIGNATURE_FIELDS[key]}): was {_short(old.get(key))}, now {_short(new.get(key))}")
+            diffs.append(f"{key} ({fields[key]}): was {_short(old.get(key))}, now {_short(new.get(key))}")
     if diffs:
         raise ResumeError(
             f"cannot resume {where}: the run differs from the one it would continue in "

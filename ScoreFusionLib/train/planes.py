@@ -143,7 +143,7 @@ def resolve_amp(mode: str, device: str) -> str:
     return mode
 
 
-def _autocast_factory(amp: str, device: str) -> Callable[[], Any]:
+def autocast_factory(amp: str, device: str) -> Callable[[], Any]:
     if amp == "none":
         return contextlib.nullcontext
     import torch
@@ -172,7 +172,7 @@ class _Session:
         self.amp, self.out, self.signature, self.callback = amp, out, signature, callback
         self.config = options.plane_config()
         self.schedule = PlaneTrainingSchedule()
-        self.autocast = _autocast_factory(amp, ctx.device)
+        self.autocast = autocast_factory(amp, ctx.device)
 
     # -- one plane ---------------------------------------------------------------------
     def build_model(self, plane: str) -> Any:
