@@ -49,7 +49,7 @@ from .cases import TrainingData, load_task_cases
 from .distributed import all_reduce_mean, barrier, init_distributed, plan_context, shard_range, shutdown
 from .ema import EMA
 from .fuser_options import FuserTrainingOptions
-from .outputs import compare_signatures, utc_now
+from .outputs import ResumeError, compare_signatures, utc_now
 from .planes import TrainingError, autocast_factory, resolve_amp
 from .seeding import numpy_generator, torch_generator
 from .state import has_training_state, load_training_state, remove_training_state, save_training_state
@@ -99,7 +99,7 @@ def _crop(case: PreparedCase, start: tuple[int, int, int], size: tuple[int, int,
     sl = tuple(slice(a, a + s) for a, s in zip(start, size))
 
     def t(a: np.ndarray) -> Any:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+        return torch.from_numpy(np.array(a, dtype=np.float32)).to(device)  # a copy: cached cases are read-only
 
     return _Item(t(case.conditions[(slice(None), *sl)]), t(case.coords[(slice(None), *sl)]),
                  t(case.mask[sl][None]), t(case.r0[sl][None]))
@@ -232,11 +232,8 @@ class _FuserSession:
 
     # -- validation --------------------------------------------------------------------
     def validation_items(self) -> list[tuple[str, _Item]]:
-        out = []
-        for case in self.data.val:
-            start = tuple((n - s) // 2 // 8 * 8 for n, s in zip(case.shape, self.crop))
-            out.append((case.case_id, _crop(case, start, self.crop, self.ctx.device)))
-        return out
+        """The whole held-out volumes (the fuser is judged on what it will see at inference)."""
+        return [(case.case_id, _crop(case, (0, 0, 0), case.shape, self.ctx.device)) for case in self.data.val]
 
     def validate(self, model: Any, items: list[tuple[str, _Item]]) -> dict:
         """Held-out ε errors of the fused estimate and of the plain plane average, at fixed draws."""
@@ -429,6 +426,13 @@ def _check_bundle(options: FuserTrainingOptions, manifest: Any) -> None:
     if options.phase in phases and not (options.overwrite or options.resume):
         raise InputError(
             f"bundle {options.bundle} already has a phase-{options.phase} fuser; pass --overwrite to train a new one"
+        )
+    if options.resume and options.phase in phases and not has_training_state(options.bundle,
+                                                                               _state_name(options.phase)):
+        # without a checkpoint --resume would retrain from step 0 and replace the finished fuser
+        raise ResumeError(
+            f"nothing to resume: the phase-{options.phase} fuser of {options.bundle} is finished and has no "
+            "checkpoint; pass --overwrite to train a new one"
         )
     if (manifest.training or {}).get("status") not in (None, "complete"):
         raise BundleError(f"the plane training of {options.bundle} is not complete; finish it (--resume) first")
