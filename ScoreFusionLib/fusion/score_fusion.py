@@ -179,7 +179,8 @@ class ScoreFusionModel:
                                                                     for f, _ in self.config.aligned_channels},
                                              self.cond.shape, r_t.device)
         c_ref = self.cond.conditions[0:1]
-        out = []
+        eps = torch.empty((1, self.config.n_estimates, *self.cond.shape), dtype=torch.float32, device=r_t.device)
+        k = 0
         for group in self.groups:
             state = r_t
             if group.reference != 0:
@@ -188,30 +189,33 @@ class ScoreFusionModel:
             for plane, scorer in group.scorers.items():
                 sink = accumulator.sink(group.source(plane), scorer.axis) if accumulator is not None else None
                 with self.autocast():
-                    out.append(scorer(state, abar_t, group.cond, feature_sink=sink).float())
-        eps = torch.cat(out, dim=0)[None].detach()
+                    eps[0, k] = scorer(state, abar_t, group.cond, feature_sink=sink)[0]
+                k += 1
         return eps, (accumulator.buffers if accumulator is not None else None)
 
-    def fuser_input(self, r_t: Any, eps: Any) -> Any:
-        """Channel stack ``(1, C, D, H, W)``: residual, conditions, coordinates, mask, estimates (4.4)."""
+    def fuser_input(self, r_t: Any, eps: Any, region: tuple[slice, slice, slice] | None = None) -> Any:
+        """Channel stack ``(1, C, d, h, w)`` of ``region`` (default: everything): residual, conditions,
+        coordinates, mask, estimates (4.4). Tiles cut their own region, so the whole-volume stack
+        never exists while tiling."""
         import torch
 
         c = self.cond
-        return torch.cat([r_t[None], c.conditions[None], c.coords[None], c.mask[None], eps.to(r_t.dtype)], dim=1)
+        sl = (slice(None), *(region or (slice(None),) * 3))
+        parts = [r_t[sl], c.conditions[sl], c.coords[sl], c.mask[sl], eps[0][sl].to(r_t.dtype)]
+        return torch.cat(parts, dim=0)[None]
 
     def head(self, r_t: Any, t: int, eps: Any, aligned: Mapping[int, Any] | None) -> Any:
         """Blended fuser head ``(1, N, D, H, W)`` over the tile plan."""
-        x = self.fuser_input(r_t, eps)
 
         def one_tile(start: tuple[int, int, int]) -> Any:
-            sl = (slice(None), slice(None), *self.plan.slices(start))
+            x = self.fuser_input(r_t, eps, self.plan.slices(start))
             feats = None
             if aligned is not None:
                 feats = {f: a[(slice(None), slice(None), *self.plan.slices(start, f))] for f, a in aligned.items()}
             with self.autocast():
-                return self.fuser.net(x[sl], t, feats).float()
+                return self.fuser.net(x, t, feats).float()
 
-        return run_tiled(one_tile, self.plan, self.config.n_estimates, x.device)
+        return run_tiled(one_tile, self.plan, self.config.n_estimates, r_t.device)
 
     def fuse(self, head: Any, eps: Any) -> Any:
         from .weights import fuse_estimates
@@ -219,5 +223,9 @@ class ScoreFusionModel:
         return fuse_estimates(head, eps, self.config.bias_scale)[0]
 
     def __call__(self, r_t: Any, t: int, abar_t: float) -> Any:
-        eps, aligned = self.estimates(r_t, abar_t)
-        return self.fuse(self.head(r_t, t, eps, aligned), eps)
+        """The fused noise estimate ``(1, D, H, W)`` for sampling (never builds a graph)."""
+        import torch
+
+        with torch.no_grad():
+            eps, aligned = self.estimates(r_t, abar_t)
+            return self.fuse(self.head(r_t, t, eps, aligned), eps)
