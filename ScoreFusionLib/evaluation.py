@@ -10,7 +10,9 @@ Metrics follow the paper protocol: result and ground truth are mapped with the g
 min and max, PSNR is whole-volume (background included) with peak 1, SSIM is scikit-image's
 3D default, linear MMD is taken over all evaluated volumes of a method (so it only compares at
 one grid), and foreground-masked PSNR/SSIM (``gt > min``) are added because a large exact
-background flatters whole-volume PSNR. Wall-clock seconds and peak memory
+background flatters whole-volume PSNR. Synthesis outputs carry the reference input's range (they
+have no unit of their own), so they are compared in the normalised frame the networks work in,
+mapped into the ground truth's range with its own normalisation. Wall-clock seconds and peak memory
 (:class:`~ScoreFusionLib.peak_memory.PeakMemory`) are measured around each method call, which
 for model methods includes loading the plane weights, as a user's single run would.
 
@@ -62,7 +64,9 @@ COST_COLUMNS = {"seconds": ("s/case", ".2f"), "peak_mib": ("peak MiB", ".0f")}
 OUTPUT_FILES = ("per_case.csv", "summary.json", "summary.md")
 VOLUMES_DIR = "volumes"
 PROTOCOL = (
-    "per volume on the model grid: result and ground truth mapped with the ground truth's min/max "
+    "per volume on the model grid: synthesis results first taken back to the network's normalised frame and "
+    "into the ground truth's own range (outputs of synthesis have no unit); result and ground truth mapped "
+    "with the ground truth's min/max "
     "(result not clipped); PSNR = 10 log10(1/MSE) over the whole volume; SSIM = scikit-image 3D defaults "
     "(7^3 uniform window, data range 1); *_fg: the same over the foreground gt > min; MMD: squared distance "
     "of the voxel-wise mean volumes over all evaluated volumes (compare only at one grid); std: population "
@@ -214,8 +218,8 @@ def markdown_table(summary: dict) -> str:
             else:
                 cells.append(_cell(entry[key], fmt))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    memory = ", ".join(f"{method} {entry['memory']}" for method, entry in summary["methods"].items())
-    lines += ["", f"Values: mean ± std over volumes. Peak memory measured as: {memory}. Protocol: {PROTOCOL}."]
+    kinds = sorted({entry["memory"] for entry in summary["methods"].values()})
+    lines += ["", f"Values: mean ± std over volumes. Peak memory: {', '.join(kinds)}. Protocol: {PROTOCOL}."]
     return "\n".join(lines) + "\n"
 
 
@@ -369,6 +373,23 @@ class _Evaluation:
             return super_resolve(inputs[spec.target], self.options.bundle, options, extra_inputs=extra).volume
         return synthesize(inputs, self.options.bundle, options).volume
 
+    def _in_target_units(self, result: Volume, truth: Volume, inputs: dict[str, Volume]) -> np.ndarray:
+        """The result in the ground truth's intensity frame, as the networks compared them.
+
+        Synthesis outputs have no unit of their own: translation maps the network's [-1, 1]
+        output through the reference input's range. The paper compares normalised volumes, so
+        undo that map and apply the ground truth's own normalisation (fitted as in training)
+        instead. Super-resolution outputs already are in the target's units (its own
+        low-resolution input is the reference) and are compared unchanged.
+        """
+        if self.spec.degraded_target:
+            return result.array
+        from .intensity import fit_normalization
+
+        reference = fit_normalization(inputs[self.spec.inputs[0]].array, self.spec.normalization)
+        target = fit_normalization(truth.array, self.spec.normalization)
+        return target.invert(reference.apply(result.array)).astype(np.float32)
+
     def _tick(self, label: str) -> None:
         if self.progress is not None:
             self.progress(self.runs_done, self.runs_total, label)
@@ -392,7 +413,8 @@ class _Evaluation:
                     f"({result.shape_ijk} vs {truth.shape_ijk} voxels); this is a bug in the method"
                 )
             self.memory_kinds[method] = memory.kind
-            metrics = volume_metrics(result.array, truth.array)
+            scored = self._in_target_units(result, truth, inputs)
+            metrics = volume_metrics(scored, truth.array)
             self.rows.append({
                 "case_id": record.case_id, "method": method, "psnr": metrics["psnr"], "ssim": metrics["ssim"],
                 "psnr_fg": metrics["psnr_foreground"], "ssim_fg": metrics["ssim_foreground"], "seconds": seconds,
@@ -400,7 +422,7 @@ class _Evaluation:
             })
             self._save(result, record.case_id, method)
             self.runs_done += 1
-            yield result.array, truth.array
+            yield scored, truth.array
 
     def _save(self, result: Volume, case_id: str, method: str) -> None:
         if not self.options.save_volumes:

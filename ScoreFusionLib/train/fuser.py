@@ -2,9 +2,10 @@
 
 Per item (a random crop in phase ``crops``, a whole volume in phase ``full``): draw
 ``t ~ U{0..999}`` and noise ``eps``; form ``r_t`` with the fused schedule; let every frozen plane
-model score the item's slices at ``gamma = abar_t`` (no gradient, eval mode; in phase ``full``
-their decoder features go through the trainable alignment convolutions); run the fuser on
-``r_t``, the conditions, coordinates, mask and the plane estimates; fuse; and minimise
+model score the whole volume's slices at ``gamma = abar_t`` (no gradient, eval mode; in phase
+``full`` their decoder features go through the trainable alignment convolutions), exactly as at
+inference; run the fuser on the item's crop of ``r_t``, the conditions, coordinates, mask, plane
+estimates and aligned features; fuse; and minimise
 ``5 mean|eps_hat - eps| + 150 mean (eps_hat - eps)^2``. Gradients of the step's items are
 accumulated (one item per forward pass), averaged over processes with an all-reduce, and
 Adam (no weight decay) takes one step. The EMA is a copy of the raw weights before
@@ -85,24 +86,29 @@ def _state_name(phase: str) -> str:
 
 @dataclass
 class _Item:
-    """One training or validation item as tensors on the device."""
+    """One training or validation item: a whole case as tensors on the device, and the fuser's region.
 
-    conditions: Any  # (M, d, h, w)
-    coords: Any  # (3, d, h, w)
-    mask: Any  # (1, d, h, w)
-    r0: Any  # (1, d, h, w)
+    The plane models always score whole slices of the whole volume, as at inference; only the
+    fuser sees the crop ``region`` (its estimates, features and inputs are cut from the whole).
+    Scoring cropped slices instead would teach the fuser to correct crop-border errors of the
+    planes that never occur at inference.
+    """
+
+    conditions: Any  # (M, D, H, W)
+    coords: Any  # (3, D, H, W)
+    mask: Any  # (1, D, H, W)
+    r0: Any  # (1, D, H, W)
+    region: tuple[slice, slice, slice]
 
 
-def _crop(case: PreparedCase, start: tuple[int, int, int], size: tuple[int, int, int], device: Any) -> _Item:
+def _item(case: PreparedCase, start: tuple[int, int, int], size: tuple[int, int, int], device: Any) -> _Item:
     import torch
-
-    sl = tuple(slice(a, a + s) for a, s in zip(start, size))
 
     def t(a: np.ndarray) -> Any:
         return torch.from_numpy(np.array(a, dtype=np.float32)).to(device)  # a copy: cached cases are read-only
 
-    return _Item(t(case.conditions[(slice(None), *sl)]), t(case.coords[(slice(None), *sl)]),
-                 t(case.mask[sl][None]), t(case.r0[sl][None]))
+    region = tuple(slice(a, a + s) for a, s in zip(start, size))
+    return _Item(t(case.conditions), t(case.coords), t(case.mask[None]), t(case.r0[None]), region)
 
 
 def fuser_loss(eps_hat: Any, eps: Any, l1_weight: float, mse_weight: float) -> Any:
@@ -180,8 +186,9 @@ class _FuserSession:
         return cases[int(order[pos])]
 
     def _start_for(self, case: PreparedCase, index: int) -> tuple[int, int, int]:
-        # phase full crops start on the 8-grid so stride-f alignment windows match inference
-        step = 8 if self.options.phase == "full" else 1
+        # crops start on the grid of the coarsest factor, so fuser down-sampling and alignment windows
+        # coincide with those of inference
+        step = self.multiple
         rng = numpy_generator(self.options.seed, "fuser", self.options.phase, "crop", int(index))
         return tuple(int(rng.integers(0, (n - s) // step + 1)) * step for n, s in zip(case.shape, self.crop))
 
@@ -213,7 +220,7 @@ class _FuserSession:
         return model.to(self.ctx.device)
 
     def predict(self, model: Any, item: _Item, t: int, eps: Any, checkpoint: bool = False) -> tuple[Any, Any]:
-        """(fused eps, plane estimates) for one item at step ``t`` with noise ``eps``."""
+        """(fused eps, plane estimates) on the item's region, at step ``t`` with whole-volume noise ``eps``."""
         from ..diffusion.schedule import FusedSchedule
         from ..fusion.score_fusion import MAIN_GROUP, PlaneGroup, ScoreFusionModel
         from ..fusion.slice_scorer import SliceScorer, VolumeConditioning
@@ -226,14 +233,20 @@ class _FuserSession:
                    for p, m in self.planes.items()}
         sfm = ScoreFusionModel(model, [PlaneGroup(MAIN_GROUP, scorers, cond)], cond, None, self.autocast)
         estimates, aligned = sfm.estimates(r_t, abar)
+        region = item.region
+        feats = None
+        if aligned is not None:
+            feats = {f: a[(slice(None), slice(None), *(slice(r.start // f, r.stop // f) for r in region))]
+                     for f, a in aligned.items()}
         with self.autocast():
-            head = model.net(sfm.fuser_input(r_t, estimates), t, aligned, checkpoint=checkpoint)
-        return sfm.fuse(head.float(), estimates), estimates
+            head = model.net(sfm.fuser_input(r_t, estimates, region), t, feats, checkpoint=checkpoint)
+        cropped = estimates[(slice(None), slice(None), *region)]
+        return sfm.fuse(head.float(), cropped), cropped
 
     # -- validation --------------------------------------------------------------------
     def validation_items(self) -> list[tuple[str, _Item]]:
         """The whole held-out volumes (the fuser is judged on what it will see at inference)."""
-        return [(case.case_id, _crop(case, (0, 0, 0), case.shape, self.ctx.device)) for case in self.data.val]
+        return [(case.case_id, _item(case, (0, 0, 0), case.shape, self.ctx.device)) for case in self.data.val]
 
     def validate(self, model: Any, items: list[tuple[str, _Item]]) -> dict:
         """Held-out ε errors of the fused estimate and of the plain plane average, at fixed draws."""
@@ -247,7 +260,7 @@ class _FuserSession:
                 for k, t in enumerate(ts):
                     _, eps = self._draw(case_index * 1000 + k, tuple(item.r0.shape), "val")
                     eps = eps.to(item.r0.device)
-                    fused, estimates = self.predict(model, item, t, eps)
+                    fused, estimates = self.predict(model, item, t, eps)  # the region is the whole volume
                     f_mse = float((fused - eps).square().mean())
                     a_mse = float((estimates.mean(dim=1)[0] - eps).square().mean())
                     fused_mse.append(f_mse)
@@ -334,10 +347,11 @@ class _FuserSession:
             total = torch.zeros((), device=ctx.device)
             for index in range(step * B + lo, step * B + hi):
                 case = self._case_for(index)
-                item = _crop(case, self._start_for(case, index), self.crop, ctx.device)
+                item = _item(case, self._start_for(case, index), self.crop, ctx.device)
                 t, eps = self._draw(index, tuple(item.r0.shape), "noise")
-                fused, _ = self.predict(model, item, t, eps.to(ctx.device), checkpoint=opt.gradient_checkpointing)
-                loss = fuser_loss(fused, eps.to(ctx.device), opt.l1_weight, opt.mse_weight) / B
+                eps = eps.to(ctx.device)
+                fused, _ = self.predict(model, item, t, eps, checkpoint=opt.gradient_checkpointing)
+                loss = fuser_loss(fused, eps[(slice(None), *item.region)], opt.l1_weight, opt.mse_weight) / B
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 total += loss.detach()
             if ctx.distributed:  # sum of per-item gradients / B over every process

@@ -75,3 +75,11 @@ def mt_bundle(tmp_path_factory):
 
     spec = TaskSpec(kind="mt", inputs=["t1n", "t2w"], target="t2f")
     return make_random_bundle(tmp_path_factory.mktemp("mt") / "bundle", spec, neighbors=1)
+
+
+@pytest.fixture(scope="session")
+def trained_sr_planes(tmp_path_factory):
+    """(data, bundle, losses) of the tiny SR x2 planes of ``learning_fixtures`` (trained once per session)."""
+    from learning_fixtures import train_learning_planes
+
+    return train_learning_planes(tmp_path_factory.mktemp("learning"))

@@ -176,3 +176,27 @@ def test_peak_memory_sees_a_large_allocation_on_the_cpu():
     assert kept.kind == freed.kind == "cpu-rss-increase"
     assert kept.peak_mib >= 150 and freed.peak_mib >= 150
     assert kept.peak_bytes < 400e6
+
+
+def test_synthesis_is_scored_in_the_ground_truths_normalised_frame(cohort, mt_bundle, monkeypatch):
+    """A perfect synthesiser (the normalised target, mapped through the reference input's range as
+    translation does) must score a near-infinite PSNR, whatever the two contrasts' ranges."""
+    import ScoreFusionLib.translate as translate
+    from ScoreFusionLib.intensity import fit_normalization
+    from ScoreFusionLib.volume import Volume
+
+    spec = TaskSpec.from_dict(read_manifest(mt_bundle).task)
+    perfect = {}
+    for record in load_cases(cohort):
+        loaded = load_case(record, spec.contrasts, grid_shape_ijk=GRID, reorient=True)
+        ref, truth = loaded.volumes[spec.inputs[0]], loaded.volumes[spec.target]
+        out = fit_normalization(ref.array).invert(fit_normalization(truth.array).apply(truth.array))
+        perfect[ref.array.tobytes()] = Volume(out.astype(np.float32), truth.affine)
+
+    def fake(inputs, bundle_dir, options=None, progress=None):
+        return translate.TranslationResult(perfect[inputs[spec.inputs[0]].array.tobytes()], {})
+
+    monkeypatch.setattr(translate, "synthesize", fake)
+    report = evaluate(EvaluationOptions(data=cohort, bundle=mt_bundle, methods=["average"], grid=GRID, steps=2,
+                                        device="cpu"))
+    assert all(r["psnr"] > 60 for r in report.rows), [r["psnr"] for r in report.rows]

@@ -1,11 +1,8 @@
 """Learning test: tiny SR x2 plane models trained on simulated data beat trilinear upsampling.
 
-Protocol (numbers also stated in docs/sampling.md and the issue note):
+Protocol (numbers also stated in docs/sampling.md and the issue note): data and training as in
+``learning_fixtures.py`` (shared with the fuser learning test);
 
-* data: 5 simulated cases (2 mm, no noise, seed 11), central 48x56x48 crop; the paper split
-  trains on 4 and holds out ``ScoreFusionSim-00005``;
-* training: ``tiny`` planes, axial + coronal + sagittal, SR x2 (average pooling), 300 steps each,
-  batch 8, lr 1e-3, EMA 0.999;
 * checks: each plane's mean loss over the last 20 % of steps is below 60 % of the first 20 %;
   on the held-out volume, ``average`` fusion with 20 DDPM steps on the log-SNR grid (data
   consistency on) beats trilinear upsampling in PSNR (paper protocol), and its output
@@ -18,51 +15,18 @@ Measured when written (2 threads): losses fall by ~4-6x; PSNR trilinear 26.1 dB,
 from __future__ import annotations
 
 import numpy as np
-import pytest
-import torch
 
+from learning_fixtures import GRID, HELD_OUT, STEPS
 from ScoreFusionLib.data import discover_cases, load_case
 from ScoreFusionLib.degradation import AveragePool
 from ScoreFusionLib.grid import crop_or_pad
 from ScoreFusionLib.interpolation import upsample_volume
 from ScoreFusionLib.metrics import psnr
-from ScoreFusionLib.simulator import write_cohort
-from ScoreFusionLib.train import PlaneTrainingOptions, train_planes
 from ScoreFusionLib.translate import SamplingOptions, super_resolve
 
-GRID = (48, 56, 48)
-STEPS = 300
 
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("learning")
-    data = root / "sim"
-    write_cohort(data, 5, seed=11, spacing=2.0, noise=False)
-    losses: dict[str, list[float]] = {}
-
-    def record(event: dict) -> None:
-        if event["event"] == "step":
-            losses.setdefault(event["plane"], []).append(float(event["loss"]))
-
-    threads = torch.get_num_threads()
-    try:
-        bundle = train_planes(
-            PlaneTrainingOptions(
-                data=data, out=root / "bundle", target="t1n", task="sr", inputs=[],
-                planes=["axial", "coronal", "sagittal"], config="tiny", factor="2", grid=GRID,
-                steps=STEPS, batch_size=8, lr=1e-3, ema_decay=0.999, val_every=STEPS, seed=0,
-                device="cpu", quiet=True,
-            ),
-            callback=record,
-        )
-    finally:
-        torch.set_num_threads(threads)
-    return data, bundle, losses
-
-
-def test_plane_losses_fall(trained):
-    _, _, losses = trained
+def test_plane_losses_fall(trained_sr_planes):
+    _, _, losses = trained_sr_planes
     assert set(losses) == {"axial", "coronal", "sagittal"}
     for plane, values in losses.items():
         assert len(values) == STEPS
@@ -71,10 +35,10 @@ def test_plane_losses_fall(trained):
         assert last < 0.6 * first, f"{plane}: loss first 20% {first:.4f}, last 20% {last:.4f}"
 
 
-def test_average_of_planes_beats_trilinear_on_a_held_out_volume(trained):
-    data, bundle, _ = trained
+def test_average_of_planes_beats_trilinear_on_a_held_out_volume(trained_sr_planes):
+    data, bundle, _ = trained_sr_planes
     held_out = discover_cases(data)[-1]
-    assert held_out.case_id == "ScoreFusionSim-00005"
+    assert held_out.case_id == HELD_OUT
     hr = crop_or_pad(load_case(held_out, ["t1n"], grid_shape_ijk=None).volumes["t1n"], GRID)
     op = AveragePool(2)
     lr = op.degrade_volume(hr)

@@ -256,7 +256,7 @@ def test_phase_full_continues_from_the_crops_ema(bundle, data, monkeypatch):
     def spy(session):
         model = build(session)
         case = session.data.train[0]
-        item = fuser_mod._crop(case, (0, 0, 0), case.shape, "cpu")
+        item = fuser_mod._item(case, (0, 0, 0), case.shape, "cpu")
         eps = torch.randn(tuple(item.r0.shape), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
             seen["full"] = session.predict(model, item, 300, eps)[0]
