@@ -204,6 +204,9 @@ def _add_fuser_parser(stages: argparse._SubParsersAction) -> argparse.ArgumentPa
     g.add_argument("--l1-weight", type=float, default=d.l1_weight, help=f"default {d.l1_weight}")
     g.add_argument("--mse-weight", type=float, default=d.mse_weight, help=f"default {d.mse_weight}")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip (default 0: off)")
+    g.add_argument("--loss-weighting", choices=("uniform", "min-snr"), default=d.loss_weighting,
+                   help="uniform over t (the paper, default) or min-snr: scale down items near t = 0, whose noise "
+                   "is invisible in r_t and whose error barely affects the clean estimate")
     g.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"default {d.ema_decay}")
     g.add_argument("--ema-every", type=int, default=d.ema_every, help=f"default {d.ema_every}")
     g.add_argument("--ema-start", type=int, default=d.ema_start,
@@ -248,7 +251,8 @@ def run_fuser(args: argparse.Namespace) -> int:
     options = FuserTrainingOptions(
         bundle=args.bundle, data=args.data, phase=args.phase, config=args.config, steps=args.steps,
         batch_size=args.batch_size, crop_size=args.crop_size, full_volume=not args.crops, lr=args.lr,
-        l1_weight=args.l1_weight, mse_weight=args.mse_weight, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
+        l1_weight=args.l1_weight, mse_weight=args.mse_weight, loss_weighting=args.loss_weighting,
+        grad_clip=args.grad_clip, ema_decay=args.ema_decay,
         ema_every=args.ema_every, ema_start=args.ema_start, plane_weights=args.plane_weights,
         from_scratch=args.from_scratch, gradient_checkpointing=args.gradient_checkpointing,
         slice_batch=args.slice_batch, val_every=args.val_every, val_draws=args.val_draws, seed=args.seed,

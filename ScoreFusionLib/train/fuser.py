@@ -59,6 +59,9 @@ logger = logging.getLogger(__name__)
 
 Callback = Callable[[dict], None]
 
+#: The SNR cap of min-SNR loss weighting.
+MIN_SNR_GAMMA = 5.0
+
 #: Signature keys a resumed fuser run must share with the run it continues, and their options.
 FUSER_SIGNATURE_FIELDS = {
     "phase": "--phase",
@@ -68,7 +71,7 @@ FUSER_SIGNATURE_FIELDS = {
     "batch_size": "--batch-size",
     "crop": "--crop-size/--full-volume",
     "lr": "--lr",
-    "loss": "--l1-weight/--mse-weight",
+    "loss": "--l1-weight/--mse-weight/--loss-weighting",
     "ema": "--ema-decay/--ema-every/--ema-start",
     "grad_clip": "--grad-clip",
     "seed": "--seed",
@@ -109,6 +112,23 @@ def _item(case: PreparedCase, start: tuple[int, int, int], size: tuple[int, int,
 
     region = tuple(slice(a, a + s) for a, s in zip(start, size))
     return _Item(t(case.conditions), t(case.coords), t(case.mask[None]), t(case.r0[None]), region)
+
+
+def loss_weight(t: int, weighting: str, gamma: float = MIN_SNR_GAMMA) -> float:
+    """Per-item loss weight: 1 (``uniform``, the paper) or ``min(SNR_t, gamma) / SNR_t`` (``min-snr``).
+
+    With this schedule ``abar_0 = 0.9999``: near t = 0 the noise is almost invisible in ``r_t``, so
+    its eps error is large (about 0.6 for any model) yet irrelevant to the clean estimate (scaled
+    by ``sqrt((1 - abar)/abar) = 0.01``). Under uniform weighting those items dominate the loss;
+    min-SNR weighting (Hang et al. 2023) scales them down by ``gamma / SNR_t``.
+    """
+    if weighting == "uniform":
+        return 1.0
+    from ..diffusion.schedule import FusedSchedule
+
+    abar = FusedSchedule().abar(t)
+    snr = abar / max(1.0 - abar, 1e-30)
+    return min(snr, gamma) / snr
 
 
 def fuser_loss(eps_hat: Any, eps: Any, l1_weight: float, mse_weight: float) -> Any:
@@ -253,7 +273,7 @@ class _FuserSession:
         import torch
 
         ts = [int(round(v)) for v in np.linspace(0, 999, self.options.val_draws)]
-        fused_mse, avg_mse, visible_fused, visible_avg, losses = [], [], [], [], []
+        fused_mse, avg_mse, visible_fused, visible_avg, losses, log_ratios = [], [], [], [], [], []
         model.eval()
         with torch.no_grad():
             for case_index, (_, item) in enumerate(items):
@@ -269,12 +289,14 @@ class _FuserSession:
                     if t < 468:  # abar > 4.4e-5: the residual is visible at all
                         visible_fused.append(f_mse)
                         visible_avg.append(a_mse)
+                        log_ratios.append(math.log(f_mse / a_mse))
 
         def mean(v: list[float]) -> float | None:
             return float(np.mean(v)) if v else None
 
         return {"val_loss": mean(losses), "val_eps_mse": mean(fused_mse), "val_eps_mse_average": mean(avg_mse),
                 "val_eps_mse_visible": mean(visible_fused), "val_eps_mse_average_visible": mean(visible_avg),
+                "val_eps_mse_ratio": math.exp(mean(log_ratios)) if log_ratios else None,
                 "val_steps_t": ts, "val_cases": [c for c, _ in items]}
 
     # -- training ----------------------------------------------------------------------
@@ -282,7 +304,8 @@ class _FuserSession:
         o = self.options
         return {"phase": o.phase, "config": self.config.to_dict(), "plane_sha256": self.plane_sha256,
                 "plane_weights": o.plane_weights, "batch_size": int(o.batch_size),
-                "crop": list(self.crop), "lr": float(o.lr), "loss": [float(o.l1_weight), float(o.mse_weight)],
+                "crop": list(self.crop), "lr": float(o.lr),
+                "loss": [float(o.l1_weight), float(o.mse_weight), o.loss_weighting],
                 "ema": [float(o.ema_decay), int(o.ema_every), int(o.ema_start)], "grad_clip": float(o.grad_clip),
                 "seed": int(o.seed), "train_case_ids": self.data.train_ids}
 
@@ -351,7 +374,8 @@ class _FuserSession:
                 t, eps = self._draw(index, tuple(item.r0.shape), "noise")
                 eps = eps.to(ctx.device)
                 fused, _ = self.predict(model, item, t, eps, checkpoint=opt.gradient_checkpointing)
-                loss = fuser_loss(fused, eps[(slice(None), *item.region)], opt.l1_weight, opt.mse_weight) / B
+                weight = loss_weight(t, opt.loss_weighting) / B
+                loss = fuser_loss(fused, eps[(slice(None), *item.region)], opt.l1_weight, opt.mse_weight) * weight
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 total += loss.detach()
             if ctx.distributed:  # sum of per-item gradients / B over every process
@@ -417,7 +441,8 @@ def _write_fuser(session: _FuserSession, outcome: dict) -> dict:
                      "world_size": session.ctx.world_size, "amp": session.amp, "device": session.ctx.device,
                      "crop_dhw": list(session.crop), "train_case_ids": session.data.train_ids,
                      "val_case_ids": session.data.val_ids, "finished_at": utc_now(),
-                     "loss": f"{opt.l1_weight} * mean|eps_hat - eps| + {opt.mse_weight} * mean (eps_hat - eps)^2",
+                     "loss": f"{opt.l1_weight} * mean|eps_hat - eps| + {opt.mse_weight} * mean (eps_hat - eps)^2, "
+                             f"weighted per item: {opt.loss_weighting}",
                      "optimizer": {"type": "Adam", "lr": opt.lr, "weight_decay": 0.0},
                      "ema": {"decay": opt.ema_decay, "every": opt.ema_every, "copy_before_step": opt.ema_start}},
     }
@@ -515,4 +540,5 @@ def format_fuser_summary(entry: dict, bundle: Path) -> str:
 
     return (f"fuser phase {entry.get('phase')}: {entry.get('steps')} steps in {m.get('wall_time_s', 0.0):.1f} s; "
             f"held-out eps MSE fused {f('val_eps_mse')} vs plane average {f('val_eps_mse_average')} "
-            f"(t < 468: {f('val_eps_mse_visible')} vs {f('val_eps_mse_average_visible')})\nbundle: {bundle}")
+            f"(t < 468: {f('val_eps_mse_visible')} vs {f('val_eps_mse_average_visible')}; geometric-mean ratio "
+            f"{f('val_eps_mse_ratio')})\nbundle: {bundle}")

@@ -16,6 +16,7 @@ from ..nets.fuser_config import FUSER_PRESETS
 from .options import AMP_MODES, DEVICES
 
 PHASES = ("crops", "full")
+LOSS_WEIGHTINGS = ("uniform", "min-snr")
 
 
 def _whole(name: str, value: object, minimum: int = 1) -> int:
@@ -51,6 +52,8 @@ class FuserTrainingOptions:
     lr, l1_weight, mse_weight, grad_clip : Adam learning rate (no weight decay: the zero-
         initialised head and alignment must not be pulled anywhere), loss weights, and the
         gradient-norm clip (0: off, as in the paper).
+    loss_weighting : ``uniform`` over t (the paper) or ``min-snr`` (items near t = 0, whose noise
+        is invisible and whose error hardly matters, are scaled down; see ``fuser.loss_weight``).
     ema_decay, ema_every, ema_start : EMA decay, update period in optimiser steps, and the
         step before which the EMA is a plain copy of the raw weights.
     plane_weights : plane weight set the fuser is trained with (and must later run with).
@@ -71,6 +74,7 @@ class FuserTrainingOptions:
     lr: float = 1e-5
     l1_weight: float = 5.0
     mse_weight: float = 150.0
+    loss_weighting: str = "uniform"
     grad_clip: float = 0.0
     ema_decay: float = 0.995
     ema_every: int = 10
@@ -117,6 +121,8 @@ class FuserTrainingOptions:
         if self.l1_weight == 0 and self.mse_weight == 0:
             raise InputError("--l1-weight and --mse-weight cannot both be 0")
         _number("--grad-clip", self.grad_clip)
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise InputError(f"unknown --loss-weighting {self.loss_weighting!r}; use {' or '.join(LOSS_WEIGHTINGS)}")
         if not 0.0 <= _number("--ema-decay", self.ema_decay) < 1.0:
             raise InputError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.plane_weights not in ("ema", "raw"):

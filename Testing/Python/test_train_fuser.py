@@ -496,3 +496,17 @@ def test_ddp_two_processes_match_one(bundle, data, tmp_path):
         torch.manual_seed(7919)  # the run's initialisation (seed 0)
         init = ScoreFuser(Fuser3DConfig.from_dict(f1["config"])).state_dict()
     assert max_diff(init, weights(single, "crops", "raw")) > 1e-4  # the two steps moved the weights
+
+
+def test_min_snr_weighting_scales_down_only_the_nearly_noise_free_steps():
+    from ScoreFusionLib.diffusion.schedule import FusedSchedule
+    from ScoreFusionLib.train.fuser import MIN_SNR_GAMMA, loss_weight
+
+    sched = FusedSchedule()
+    for t in (0, 10, 50, 200, 999):
+        assert loss_weight(t, "uniform") == 1.0
+        snr = sched.abar(t) / (1 - sched.abar(t))
+        assert loss_weight(t, "min-snr") == pytest.approx(min(snr, MIN_SNR_GAMMA) / snr, rel=1e-12)
+    assert loss_weight(0, "min-snr") < 1e-3 and loss_weight(200, "min-snr") == 1.0
+    with pytest.raises(InputError, match="loss-weighting"):
+        FuserTrainingOptions(bundle="b", data="d", loss_weighting="snr").validate()
