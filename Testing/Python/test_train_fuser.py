@@ -207,7 +207,7 @@ def test_resume_with_changed_options_is_refused(bundle, data):
     before = tree(bundle)
     for change, field in [({"lr": 2e-3}, "lr (--lr): was 0.001, now 0.002"), ({"seed": 1}, "seed (--seed)"),
                           ({"crop_size": 8}, "crop (--crop-size/--full-volume)"),
-                          ({"l1_weight": 1.0}, "loss (--l1-weight/--mse-weight)")]:
+                          ({"l1_weight": 1.0}, "loss (--l1-weight/--mse-weight/--loss-weighting)")]:
         with pytest.raises(ResumeError, match="cannot resume") as exc:
             train_fuser(opts(bundle, data, steps=4, resume=True, **change))
         assert field in str(exc.value), str(exc.value)
