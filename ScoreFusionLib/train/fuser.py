@@ -51,7 +51,7 @@ from .distributed import all_reduce_mean, barrier, init_distributed, plan_contex
 from .ema import EMA
 from .fuser_options import FuserTrainingOptions
 from .outputs import ResumeError, compare_signatures, utc_now
-from .planes import TrainingError, autocast_factory, resolve_amp
+from .planes import TrainingError, autocast_factory, optimizer_step, resolve_amp
 from .seeding import numpy_generator, torch_generator
 from .state import has_training_state, load_training_state, remove_training_state, save_training_state
 
@@ -382,18 +382,7 @@ class _FuserSession:
                 for p in model.parameters():
                     if p.grad is not None:
                         all_reduce_mean(p.grad, ctx).mul_(ctx.world_size)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if opt.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
-            stepped = True
-            if scaler is not None:
-                scale = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                stepped = scaler.get_scale() >= scale
-            else:
-                optimizer.step()
+            stepped = optimizer_step(optimizer, model.parameters(), scaler, opt.grad_clip)
             step += 1
             if step <= opt.ema_start:
                 ema.module.load_state_dict(model.state_dict())  # before ema_start the EMA is a plain copy

@@ -152,6 +152,27 @@ def autocast_factory(amp: str, device: str) -> Callable[[], Any]:
     return lambda: torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def optimizer_step(optimizer: Any, parameters: Any, scaler: Any, grad_clip: float) -> bool:
+    """Unscale (fp16), clip the gradient norm (``grad_clip`` > 0) and step; False if the scaler skipped it.
+
+    The gradient scaler skips steps whose gradients overflowed and lowers its scale when it does;
+    callers update their EMA only after real steps.
+    """
+    import torch
+
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(list(parameters), grad_clip)
+    if scaler is None:
+        optimizer.step()
+        return True
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() >= scale
+
+
 def _emit(callback: Callback | None, ctx: DistContext, event: dict) -> None:
     if callback is not None and ctx.is_main:
         callback(event)
@@ -281,22 +302,8 @@ class _Session:
             with self.autocast():
                 eps_hat = net(x, gamma)
             loss = F.mse_loss(eps_hat.float(), eps)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if opt.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
-            stepped = True
-            if scaler is not None:
-                scale = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                stepped = scaler.get_scale() >= scale  # the scaler lowers its scale when it skips a step
-            else:
-                optimizer.step()
-            if stepped:
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if optimizer_step(optimizer, model.parameters(), scaler, opt.grad_clip):
                 ema.update(model)
             step += 1
 

@@ -37,43 +37,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from ScoreFusionLib.bundle import load_fuser, load_plane_models, load_weights, read_manifest, sha256_file  # noqa: E402
-from ScoreFusionLib.errors import InputError  # noqa: E402
-from ScoreFusionLib.train import PlaneTrainingOptions, train_planes  # noqa: E402
-from ScoreFusionLib.train import fuser as fuser_mod  # noqa: E402
-from ScoreFusionLib.train.fuser import FUSER_SIGNATURE_FIELDS, fuser_loss, train_fuser  # noqa: E402
-from ScoreFusionLib.train.fuser_options import FuserTrainingOptions  # noqa: E402
-from ScoreFusionLib.train.outputs import ResumeError  # noqa: E402
-from ScoreFusionLib.train.state import load_training_state  # noqa: E402
+from cohort_fixtures import write_cases
+from ScoreFusionLib.bundle import load_fuser, load_plane_models, load_weights, read_manifest, sha256_file
+from ScoreFusionLib.errors import InputError
+from ScoreFusionLib.train import PlaneTrainingOptions, train_planes
+from ScoreFusionLib.train import fuser as fuser_mod
+from ScoreFusionLib.train.fuser import FUSER_SIGNATURE_FIELDS, fuser_loss, train_fuser
+from ScoreFusionLib.train.fuser_options import FuserTrainingOptions
+from ScoreFusionLib.train.outputs import ResumeError
+from ScoreFusionLib.train.state import load_training_state
 
 REPO = Path(__file__).resolve().parents[2]
-SHAPE_IJK = (16, 24, 16)
 PLANES = ("axial", "coronal", "sagittal")
-
-
-def write_cases(root: Path, n: int, shape_ijk=SHAPE_IJK, first: int = 1) -> Path:
-    """Simulated-layout cases (as in test_train_planes): smooth tissue in an ellipsoid, t2f a function of t1n."""
-    import nibabel as nib
-    from scipy import ndimage
-
-    kji = tuple(shape_ijk[::-1])
-    z, y, x = np.meshgrid(*[np.linspace(-1, 1, s) for s in kji], indexing="ij")
-    brain = (x**2 + y**2 + z**2) < 0.8
-    for c in range(first, first + n):
-        rng = np.random.default_rng(100 + c)
-        tissue = ndimage.gaussian_filter(rng.normal(size=kji), 2.0)
-        tissue = (tissue - tissue.min()) / np.ptp(tissue)
-        vols = {"t1n": brain * (50 + 100 * tissue), "t2f": brain * (200 - 120 * tissue**2)}
-        cid = f"ScoreFusionSim-{c:05d}"
-        folder = root / cid
-        folder.mkdir(parents=True, exist_ok=True)
-        for con, vol in vols.items():
-            img = nib.Nifti1Image(np.transpose(vol.astype(np.float32), (2, 1, 0)), np.eye(4))
-            nib.save(img, str(folder / f"{cid}-{con}.nii.gz"))
-    return root
 
 
 @pytest.fixture(scope="module", autouse=True)
