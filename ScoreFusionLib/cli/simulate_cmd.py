@@ -65,6 +65,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--no-mass-effect", action="store_true", help="do not push tissue away from the tumour"
     )
+    parser.add_argument(
+        "--t1-source", choices=("simulated", "icbm"), default="simulated",
+        help="simulated: T1w from the signal equation (default); icbm: the real ICBM152 T1 under the "
+        "case's deformation, bias field and noise (real anatomy contrast; no --tumor)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing case folders")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -85,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         deform=not args.no_deform,
         noise=not args.no_noise,
         mass_effect=not args.no_mass_effect,
+        t1_source=args.t1_source,
         overwrite=args.overwrite,
         first_index=args.start,
         progress=not args.quiet,

@@ -24,6 +24,9 @@ from .tissue import NILEARN_REQUIREMENT, TissueMaps, load_tissue_maps, validate_
 CASE_PREFIX = "ScoreFusionSim"
 MAX_CASE_INDEX = 99999
 STREAMS = ("acquisition", "deformation", "tumour", "noise")
+#: where the T1w image comes from: the signal equation on the tissue fractions, or the real
+#: ICBM152 T1 itself (warped with the same deformation, then scanner effects as usual)
+T1_SOURCES = ("simulated", "icbm")
 
 
 def case_id(case_index: int) -> str:
@@ -55,6 +58,14 @@ def validate_convention(convention: str) -> str:
     if convention not in CONVENTIONS:
         raise InputError(f"unknown label convention {convention!r}; use one of {sorted(CONVENTIONS)}")
     return convention
+
+
+def validate_t1_source(t1_source: str, tumor: bool) -> str:
+    if t1_source not in T1_SOURCES:
+        raise InputError(f"unknown T1 source {t1_source!r}; choose one of {', '.join(T1_SOURCES)}")
+    if t1_source == "icbm" and tumor:
+        raise InputError("the real ICBM T1 has no tumour: the icbm T1 source cannot be combined with a tumour")
+    return t1_source
 
 
 def case_streams(seed: int, case_index: int) -> dict[str, np.random.Generator]:
@@ -107,6 +118,13 @@ def _deform(
     return warped, labels, tumour_box, params
 
 
+def _real_t1_signal(reference_t1: np.ndarray, fractions: dict[str, np.ndarray], wm_signal: float) -> np.ndarray:
+    """The real ICBM T1 rescaled so that its white matter has the simulated WM signal."""
+    white = fractions["wm"] > 0.9
+    level = float(reference_t1[white].mean()) if white.any() else float(reference_t1.max())
+    return (reference_t1 * np.float32(wm_signal / max(level, 1e-6))).astype(np.float32)
+
+
 def _acquire(
     fractions: dict[str, np.ndarray],
     signals: dict[str, float],
@@ -114,9 +132,11 @@ def _acquire(
     maps: TissueMaps,
     boxes: dict[str, tuple[slice, ...]] | None,
     noise_rng: np.random.Generator | None,
+    base: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
-    """One contrast: mixed signal x gain x bias field, then Rician noise; returns (image, sigma)."""
-    image = physics.mix(fractions, signals, boxes)
+    """One contrast: mixed signal (or ``base``) x gain x bias field, then Rician noise;
+    returns (image, sigma)."""
+    image = physics.mix(fractions, signals, boxes) if base is None else base
     image *= np.float32(acq.gain)
     image *= augment.bias_field(acq, maps.affine, maps.shape, maps.box_ras)
     sigma = signals["wm"] * acq.gain / acq.snr
@@ -135,6 +155,7 @@ def simulate_case(
     deform: bool = True,
     noise: bool = True,
     mass_effect: bool = True,
+    t1_source: str = "simulated",
 ) -> SimulatedCase:
     """Simulate case ``case_index`` (1-based) of the cohort drawn with ``seed``.
 
@@ -146,11 +167,15 @@ def simulate_case(
     deform : apply the smooth random deformation (anatomy varies between cases).
     noise : add Rician noise; without it the background stays exactly zero.
     mass_effect : let the tumour push the surrounding tissue outward.
+    t1_source : ``simulated`` (signal equation) or ``icbm``: the t1n image is the real ICBM152
+        T1 under the case's deformation, bias field, gain and noise (real anatomy contrast for
+        T1 super-resolution). It has no tumour, so it cannot be combined with ``tumor``.
     """
     seed = validate_seed(seed)
     case_index = validate_case_index(case_index)
     spacing = validate_spacing(spacing)
     convention = validate_convention(convention)
+    t1_source = validate_t1_source(t1_source, tumor)
     maps = load_tissue_maps(spacing)
     rngs = case_streams(seed, case_index)
 
@@ -162,6 +187,8 @@ def simulate_case(
         acquisition[contrast] = augment.sample_acquisition(rngs["acquisition"], shared_with=shared)
 
     fractions = maps.fractions()
+    if t1_source == "icbm":
+        fractions["reference_t1"] = maps.reference_t1.copy()
     labels = tumour_box = tumour_info = None
     t1c_factors = None
     if tumor:
@@ -180,6 +207,7 @@ def simulate_case(
             fractions, labels, tumour_box, maps, rngs["deformation"]
         )
     boxes = {name: tumour_box for name in tumours.TUMOUR_COMPARTMENTS} if tumour_box else None
+    reference_t1 = fractions.pop("reference_t1", None)
 
     images: dict[str, Volume] = {}
     contrast_info: dict[str, dict[str, object]] = {}
@@ -188,7 +216,10 @@ def simulate_case(
         signals = physics.tissue_signals(
             tissues, sequences[contrast], t1c_factors if contrast == "t1c" else None
         )
-        image, sigma = _acquire(fractions, signals, acq, maps, boxes, rngs["noise"] if noise else None)
+        base = None
+        if contrast == "t1n" and reference_t1 is not None:
+            base = _real_t1_signal(reference_t1, fractions, signals["wm"])
+        image, sigma = _acquire(fractions, signals, acq, maps, boxes, rngs["noise"] if noise else None, base)
         images[contrast] = Volume(image, maps.affine)
         contrast_info[contrast] = {
             **sequences[contrast].as_dict(),
@@ -213,6 +244,7 @@ def simulate_case(
         "shape_ijk": [int(n) for n in maps.shape[::-1]],
         "affine_ras": [[float(v) for v in row] for row in maps.affine],
         "label_convention": convention,
+        "t1_source": t1_source,
         "tissue_jitter": physics.TISSUE_JITTER,
         "tissues": {name: t.as_dict() for name, t in tissues.items() if name in physics.NORMAL_TISSUE},
         "contrasts": contrast_info,

@@ -28,6 +28,7 @@ from .case import (
     validate_case_index,
     validate_convention,
     validate_seed,
+    validate_t1_source,
 )
 from .tissue import validate_spacing
 
@@ -125,6 +126,7 @@ def write_cohort(
     deform: bool = True,
     noise: bool = True,
     mass_effect: bool = True,
+    t1_source: str = "simulated",
     overwrite: bool = False,
     first_index: int = 1,
     progress: bool = False,
@@ -140,6 +142,7 @@ def write_cohort(
     seed = validate_seed(seed)
     spacing = validate_spacing(spacing)
     convention = validate_convention(convention)
+    t1_source = validate_t1_source(t1_source, tumor)
     first_index = validate_case_index(first_index)
     last = first_index + n_cases - 1
     if last > MAX_CASE_INDEX:
@@ -174,6 +177,7 @@ def write_cohort(
             deform=deform,
             noise=noise,
             mass_effect=mass_effect,
+            t1_source=t1_source,
         )
         try:
             written.append(write_case(case, out, overwrite=overwrite))

@@ -205,6 +205,38 @@ def test_simulated_case_keeps_the_real_contrast(maps2):
 
 
 @needs_icbm
+def test_icbm_t1_source_is_the_real_t1_under_the_same_deformation(maps2):
+    """t1_source='icbm': without deformation and noise the t1n image is the real T1 up to
+    gain x bias; with deformation it follows the same warp as the other contrasts."""
+    plain = simulate_case(0, 1, spacing=2.0, deform=False, noise=False, t1_source="icbm")
+    simulated = simulate_case(0, 1, spacing=2.0, deform=False, noise=False)
+    inside = maps2.reference_t1 > 0
+    assert plain.params["t1_source"] == "icbm"
+    assert _corr(plain.images["t1n"].array, maps2.reference_t1, inside) > 0.99
+    for contrast in ("t2w", "t2f"):  # the other contrasts are untouched
+        assert np.array_equal(plain.images[contrast].array, simulated.images[contrast].array)
+    warped = simulate_case(0, 1, spacing=2.0, noise=False, t1_source="icbm")
+    same_warp = simulate_case(0, 1, spacing=2.0, noise=False)
+    brain = warped.fractions["wm"] + warped.fractions["gm"] + warped.fractions["csf"] > 0.5
+    assert _corr(warped.images["t1n"].array, same_warp.images["t1n"].array, brain) > 0.9
+    # it matches the deformed anatomy better than the undeformed real T1 does
+    assert _corr(plain.images["t1n"].array, same_warp.images["t1n"].array, brain) < _corr(
+        warped.images["t1n"].array, same_warp.images["t1n"].array, brain)
+
+
+def test_icbm_t1_source_refuses_a_tumour_and_unknown_sources(tmp_path):
+    with pytest.raises(InputError, match="no tumour"):
+        simulate_case(0, 1, spacing=2.0, tumor=True, t1_source="icbm")
+    with pytest.raises(InputError, match="unknown T1 source"):
+        simulate_case(0, 1, spacing=2.0, t1_source="mprage")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["simulate", "--out", str(tmp_path / "c"), "--tumor", "--t1-source", "icbm", "--quiet"])
+    assert rc == 2 and "no tumour" in err.getvalue()
+    assert not (tmp_path / "c").exists()
+
+
+@needs_icbm
 def test_no_global_random_state(maps2):
     # The legacy global generator is used on purpose: the simulator must neither read nor move it.
     np.random.seed(1234)  # noqa: NPY002
