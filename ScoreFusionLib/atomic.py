@@ -10,7 +10,8 @@ import contextlib
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -68,6 +69,40 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_directory(final: str | os.PathLike, build: Callable[[Path], None], overwrite: bool = False) -> None:
+    """Build a folder with ``build(tmp)`` and move it to ``final`` in one rename.
+
+    An existing ``final`` is only replaced (``overwrite``) once the new folder is complete, so
+    a failed or cancelled build leaves the old folder untouched and nothing half-written.
+    Raises ``FileExistsError`` when ``final`` exists and ``overwrite`` is false, and
+    ``NotADirectoryError`` when it is a file.
+    """
+    final = Path(final)
+    if not final.exists():
+        with atomic_directory(final) as tmp:
+            build(tmp)
+        return
+    if not overwrite:
+        raise FileExistsError(f"{final} already exists")
+    if not final.is_dir():
+        raise NotADirectoryError(f"{final} exists and is not a folder")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+    old = None
+    try:
+        build(tmp)
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        os.replace(final, old / final.name)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / final.name).exists() and not final.exists():
+            os.replace(old / final.name, final)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..atomic import atomic_directory, write_text_atomic
+from ..atomic import publish_directory, write_text_atomic
 from ..errors import DatasetError, InputError, ScoreFusionError
 from ..volume_io import save_volume
 from .case import (
@@ -71,36 +69,10 @@ def _write_into(case: SimulatedCase, folder: Path) -> None:
 
 
 def _publish(final: Path, build: Callable[[Path], None], overwrite: bool) -> None:
-    """Build a folder with ``build(tmp)`` and move it to ``final`` in one rename.
-
-    An existing ``final`` is only replaced (``overwrite``) once the new folder is complete.
-    """
-    if not final.exists():
-        try:
-            with atomic_directory(final) as tmp:
-                build(tmp)
-        except FileExistsError as exc:  # created by someone else meanwhile
-            raise DatasetError(str(exc)) from exc
-        return
-    if not overwrite:
-        raise DatasetError(f"{final} already exists; pass --overwrite (overwrite=True) to replace it")
-    if not final.is_dir():
-        raise DatasetError(f"{final} exists and is not a folder")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
-    old = None
     try:
-        build(tmp)
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-        os.replace(final, old / final.name)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / final.name).exists() and not final.exists():
-            os.replace(old / final.name, final)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_directory(final, build, overwrite)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise DatasetError(f"{exc}; pass --overwrite (overwrite=True) to replace it") from exc
 
 
 def write_case(case: SimulatedCase, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
