@@ -286,6 +286,17 @@ def load_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> Vo
     return _load_itk(p)
 
 
+def sidecar_path(output: str | os.PathLike) -> Path:
+    """The JSON provenance file that accompanies an output volume: its name with ``.json`` instead of
+    the volume suffix (``x.nii.gz`` -> ``x.json``)."""
+    output = Path(output)
+    name = output.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return output.with_name(name[: -len(suffix)] + ".json")
+    return output.with_name(name + ".json")
+
+
 def save_volume(volume: Volume, path: str | os.PathLike, description: str | None = None) -> Path:
     """Write ``volume`` to ``path`` atomically; the format follows the name.
 

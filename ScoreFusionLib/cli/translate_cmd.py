@@ -18,14 +18,6 @@ METHOD_HELP = ("how the plane models are combined: score-fusion (the trained 3D 
                "has one), average (TOSM/MADM; the default otherwise), tpdm (one plane per step) or single")
 
 
-def _sidecar_path(output: Path) -> Path:
-    name = output.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            return output.with_name(name[: -len(suffix)] + ".json")
-    return output.with_name(name + ".json")
-
-
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, help="output volume (.nii.gz, .nrrd, .mha, ...)")
     parser.add_argument("--model", required=True, type=Path, metavar="BUNDLE", help="trained model bundle folder")
@@ -156,10 +148,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 def _write(result, args: argparse.Namespace, description: str) -> None:
     from ..atomic import write_text_atomic
-    from ..volume_io import save_volume
+    from ..volume_io import save_volume, sidecar_path
 
     output = args.output
-    sidecar = _sidecar_path(output)
+    sidecar = sidecar_path(output)
     write_text_atomic(sidecar, json.dumps(result.provenance, indent=2) + "\n")
     written = [sidecar]
     try:
