@@ -177,6 +177,22 @@ class EvaluationReport:
     out: Path | None = None
 
 
+def synthesis_in_target_frame(result: np.ndarray, truth: np.ndarray, reference_input: np.ndarray,
+                              normalization: str) -> np.ndarray:
+    """A synthesis result in the ground truth's intensity frame, as the networks compared them.
+
+    Synthesis outputs have no unit of their own: translation maps the network's [-1, 1]
+    output through the reference input's range. The paper compares normalised volumes, so
+    undo that map and apply the ground truth's own normalisation (fitted as in training)
+    instead. (Super-resolution outputs already are in the target's units.)
+    """
+    from .intensity import fit_normalization
+
+    reference = fit_normalization(reference_input, normalization)
+    target = fit_normalization(truth, normalization)
+    return target.invert(reference.apply(result)).astype(np.float32)
+
+
 def _finite_or_none(value: float) -> float | None:
     """JSON has no infinity (identical volumes give PSNR = inf): store it as null."""
     return float(value) if math.isfinite(value) else None
@@ -374,21 +390,10 @@ class _Evaluation:
         return synthesize(inputs, self.options.bundle, options).volume
 
     def _in_target_units(self, result: Volume, truth: Volume, inputs: dict[str, Volume]) -> np.ndarray:
-        """The result in the ground truth's intensity frame, as the networks compared them.
-
-        Synthesis outputs have no unit of their own: translation maps the network's [-1, 1]
-        output through the reference input's range. The paper compares normalised volumes, so
-        undo that map and apply the ground truth's own normalisation (fitted as in training)
-        instead. Super-resolution outputs already are in the target's units (its own
-        low-resolution input is the reference) and are compared unchanged.
-        """
-        if self.spec.degraded_target:
+        if self.spec.degraded_target:  # SR results are in the target's units already
             return result.array
-        from .intensity import fit_normalization
-
-        reference = fit_normalization(inputs[self.spec.inputs[0]].array, self.spec.normalization)
-        target = fit_normalization(truth.array, self.spec.normalization)
-        return target.invert(reference.apply(result.array)).astype(np.float32)
+        return synthesis_in_target_frame(result.array, truth.array, inputs[self.spec.inputs[0]].array,
+                                         self.spec.normalization)
 
     def _tick(self, label: str) -> None:
         if self.progress is not None:
@@ -502,4 +507,5 @@ __all__ = [
     "evaluate",
     "markdown_table",
     "summarize_rows",
+    "synthesis_in_target_frame",
 ]
