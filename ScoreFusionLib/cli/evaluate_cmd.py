@@ -64,8 +64,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
                    help="held-out share used in training (default 0.2, the paper split)")
     g.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only the first N cases")
-    g.add_argument("--model", default=None, metavar="BUNDLE",
-                   help="trained bundle; its task and grid define the evaluation (needed by model methods)")
+    g.add_argument("--model", default=None, metavar="MODEL",
+                   help="model id, bundle folder or bundle .zip; its task and grid define the evaluation "
+                        "(needed by model methods)")
     g.add_argument("--task", choices=("sr", "mt", "both"), default=None,
                    help="with --model: must agree with the bundle; without: only 'sr' (with --target, --factor)")
     g.add_argument("--target", default=None, metavar="C", help="without --model: the contrast to super-resolve")
@@ -134,6 +135,9 @@ def options_from_args(args: argparse.Namespace):  # -> EvaluationOptions
     if args.model is None:
         task = _task_without_model(args)
     else:
+        from ..registry import resolve_model
+
+        args.model = resolve_model(args.model)
         _check_task_with_model(args)
     return EvaluationOptions(
         data=args.data, methods=args.methods, bundle=args.model, task=task, grid=parse_grid(args.grid),

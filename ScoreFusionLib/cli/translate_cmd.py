@@ -20,7 +20,9 @@ METHOD_HELP = ("how the plane models are combined: score-fusion (the trained 3D 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, help="output volume (.nii.gz, .nrrd, .mha, ...)")
-    parser.add_argument("--model", required=True, type=Path, metavar="BUNDLE", help="trained model bundle folder")
+    parser.add_argument("--model", required=True, metavar="MODEL",
+                        help="a model id from `scorefusion models list` (embedded models install on first use), "
+                             "a bundle folder or a bundle .zip")
     parser.add_argument("--method", default="auto", choices=("auto", "score-fusion", "average", "tpdm", "single"),
                         help=METHOD_HELP)
     parser.add_argument("--plane", choices=("axial", "coronal", "sagittal"), help="plane used by --method single")
@@ -169,12 +171,14 @@ def _write(result, args: argparse.Namespace, description: str) -> None:
 
 
 def run_super_resolve(args: argparse.Namespace) -> int:
+    from ..registry import resolve_model
     from ..translate import super_resolve
     from ..volume_io import load_volume
 
     if not 0.0 <= args.consistency_strength <= 1.0:
         raise InputError(f"--consistency-strength must lie in [0, 1], got {args.consistency_strength}")
     _check_outputs(args)
+    args.model = resolve_model(args.model)
     volume = load_volume(args.input)
     extra = {c: load_volume(p) for c, p in _parse_inputs(args.extra).items()}
     factor = args.factor[0] if args.factor and len(args.factor) == 1 else args.factor
@@ -190,9 +194,11 @@ def run_super_resolve(args: argparse.Namespace) -> int:
 def run_synthesize(args: argparse.Namespace) -> int:
     from ..bundle import read_manifest
     from ..data.records import canonical_contrast
+    from ..registry import resolve_model
     from ..translate import synthesize
     from ..volume_io import load_volume
 
+    args.model = resolve_model(args.model)
     manifest = read_manifest(args.model)
     target = canonical_contrast(args.target)
     if canonical_contrast(manifest.task["target"]) != target:
