@@ -11,8 +11,10 @@ Super-resolution models (``task sr``) run on three real-anatomy T1 volumes, all 
 Synthesis models run on a simulated case with a tumour from seed 2026 (not a training seed).
 Each volume is degraded / translated with every method and scored against its truth with
 ``ScoreFusionLib.demo.compare`` (the demo's own code): PSNR and SSIM over the whole volume, and
-seconds per call. Baselines: nearest / trilinear / B-spline interpolation, and for synthesis the
-least-squares linear mapping of the inputs fitted against the truth (an oracle).
+seconds per call. Synthesis rows add ``cal`` columns: the scores after the best affine intensity
+map onto the truth, the like-for-like comparison with the oracle linear map. Baselines:
+nearest / trilinear / B-spline interpolation, and for synthesis the least-squares linear
+mapping of the inputs fitted against the truth (an oracle).
 
     .venv/bin/python benchmarks/default_models.py                         # every model, registry defaults
     .venv/bin/python benchmarks/default_models.py --models t1-sr4-iso --configs ddpm:50 ddim:20 ddim:10
@@ -68,7 +70,8 @@ def run(args) -> list[dict]:
         bundle = Path(overrides[model_id]) if model_id in overrides else resolve_model(model_id, registry=registry)
         manifest = read_manifest(bundle)
         shape, spacing = manifest.grid["shape_ijk"], float(manifest.grid["spacing"][0])
-        learned = ["average"] + (["score-fusion"] if manifest.fuser else [])
+        learned = [m for m in ["average"] + (["score-fusion"] if manifest.fuser else [])
+                   if not args.methods or m in args.methods]
         for sampler, steps in _configs(args, entry):
             def options_for(method, sampler=sampler, steps=steps, entry=entry):
                 return registry_sampling(entry, method, steps=steps, sampler=sampler, seed=args.seed,
@@ -77,11 +80,11 @@ def run(args) -> list[dict]:
             first = (sampler, steps) == _configs(args, entry)[0]
             if manifest.task["kind"] == "mt":
                 cases = {"sim-seed2026": simulated_contrasts(shape, spacing, seed=SYNTHESIS_SEED)[0]}
-                methods = ([LINEAR_MAP] if first else []) + learned
+                methods = ([LINEAR_MAP] if first and not args.methods else []) + learned
                 results = {name: compare_synthesis(images, bundle, methods, options_for)
                            for name, images in cases.items()}
             else:
-                methods = (["trilinear", "bspline"] if first else []) + learned
+                methods = (["trilinear", "bspline"] if first and not args.methods else []) + learned
                 results = {name: compare_super_resolution(truth, bundle, methods, options_for)[1]
                            for name, truth in _sr_volumes(shape, spacing).items()}
             for volume, runs in results.items():
@@ -90,20 +93,25 @@ def run(args) -> list[dict]:
                     rows.append({"model": model_id, "volume": volume, "method": method,
                                  "sampling": f"{sampler}:{steps}" if model_run else "-",
                                  "psnr": r.metrics["psnr"], "ssim": r.metrics["ssim"],
+                                 "psnr_cal": r.metrics.get("psnr_calibrated"),
+                                 "ssim_cal": r.metrics.get("ssim_calibrated"),
                                  "seconds": round(r.seconds, 2)})
                     print(_line(rows[-1]), flush=True)
     return rows
 
 
 def _line(row: dict) -> str:
+    cal = (f"{row['psnr_cal']:.2f} | {row['ssim_cal']:.4f}" if row["psnr_cal"] is not None else "- | -")
     return (f"| {row['model']} | {row['volume']} | {row['method']} | {row['sampling']} | {row['psnr']:.2f} | "
-            f"{row['ssim']:.4f} | {row['seconds']:.1f} |")
+            f"{row['ssim']:.4f} | {cal} | {row['seconds']:.1f} |")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", help="registry ids (default: every registry model)")
     parser.add_argument("--bundle", nargs="*", default=[], metavar="ID=DIR", help="run DIR under registry id ID")
+    parser.add_argument("--methods", nargs="*", choices=("average", "score-fusion"),
+                        help="only these model methods, and no baselines (default: all)")
     parser.add_argument("--configs", nargs="*", metavar="SAMPLER:STEPS", help="sampler configurations to compare")
     parser.add_argument("--registry", help="registry JSON (default: Resources/models.json)")
     parser.add_argument("--seed", type=int, default=0)
@@ -115,8 +123,8 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    print("| model | volume | method | sampling | PSNR dB | SSIM | seconds |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | volume | method | sampling | PSNR dB | SSIM | PSNR cal | SSIM cal | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -1,9 +1,17 @@
 """Run a bundle and its non-learned baselines on one volume with a known ground truth.
 
 Shared by the demo, the default-model benchmark and the quality tests, so all three measure
-the same way: PSNR and SSIM over the whole volume on the truth's grid (``volume_metrics``),
-synthesis results first mapped into the truth's normalised frame as ``scorefusion evaluate``
-does, and seconds per method call.
+the same way: PSNR and SSIM over the whole volume on the truth's grid (``volume_metrics``) and
+seconds per method call.
+
+Synthesis outputs have no unit, so they are scored twice:
+
+* ``psnr`` / ``ssim``: mapped into the truth's normalised frame, as ``scorefusion evaluate``
+  and the paper do (min/max of the input and of the truth);
+* ``psnr_calibrated`` / ``ssim_calibrated``: after the best affine intensity map onto the truth
+  (least squares). The linear-map baseline is exactly the best affine map of the inputs, so
+  this is the like-for-like comparison with it: structure, not units. The min/max frame is
+  sensitive to the truth's brightest voxels (noise, tumour), which no model can know.
 """
 
 from __future__ import annotations
@@ -112,15 +120,26 @@ def compare_synthesis(images: Mapping[str, Volume], bundle: str | Path, methods:
     for method in methods:
         if method == LINEAR_MAP:
             (volume, coefficients), seconds = _timed(lambda: best_linear_mapping(list(inputs.values()), truth))
-            runs[method] = MethodRun(volume, volume.array, score(volume.array, truth), seconds,
+            metrics = score(volume.array, truth)
+            runs[method] = MethodRun(volume, volume.array, {**metrics, **_calibrated(volume, truth)}, seconds,
                                      baseline_info={"coefficients": coefficients,
                                                     "fit": "least squares against the ground truth (oracle)"})
             continue
         result, options, seconds = _model_run(
             lambda o, cb: synthesize(inputs, bundle, o, progress=cb), method, options_for, progress)
         scored = synthesis_in_target_frame(result.volume.array, truth.array, reference, spec.normalization)
-        runs[method] = MethodRun(result.volume, scored, score(scored, truth), seconds, options, result.provenance)
+        metrics = {**score(scored, truth), **_calibrated(Volume(scored, truth.affine), truth)}
+        runs[method] = MethodRun(result.volume, scored, metrics, seconds, options, result.provenance)
     return runs
+
+
+def _calibrated(result: Volume, truth: Volume) -> dict[str, float]:
+    """PSNR and SSIM after the best affine intensity map of ``result`` onto ``truth``."""
+    from .baselines import best_linear_mapping
+
+    calibrated, _ = best_linear_mapping([result], truth)
+    metrics = score(calibrated.array, truth)
+    return {"psnr_calibrated": metrics["psnr"], "ssim_calibrated": metrics["ssim"]}
 
 
 def registry_sampling(entry: Any, method: str, *, steps: int | None = None, sampler: str | None = None,
