@@ -52,7 +52,7 @@ clean:
 
 # ---------------------------------------------------------------------------------------------
 # The embedded default models (Resources/models/*.zip), rebuilt from scratch with the project's
-# own commands: `make -j2 train-default` (about 2 h 30 min on a 2-core CPU; see docs/models.md).
+# own commands: `make -j2 train-default` (about 80 min on a 2-core CPU; see docs/models.md).
 # Every model is trained on 2 mm data from the ICBM152 2009a maps in the nilearn wheel.
 DEFAULT_WORK ?= build/default-models
 SF           := $(abspath $(VENV))/bin/scorefusion
