@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --upgrade pip
 	@# torch first and alone: an unpinned torch would pull gigabytes of CUDA packages.
 	$(PIP) install $(FIND_LINKS) "$(TORCH_SPEC)"
-	$(PIP) install $(FIND_LINKS) -e ".[test]"
+	@# mrml + ui: the Slicer module's tests outside Slicer (slicer-core's MRML scene, PySide6 offscreen).
+	$(PIP) install $(FIND_LINKS) -e ".[test,mrml,ui]"
 	@# Only nilearn's bundled ICBM152 files are used; its own dependencies are not needed.
 	$(PIP) install --no-deps "$(NILEARN_SPEC)"
 	touch $@
