@@ -5,7 +5,8 @@ Layout (numpy and JSON only; every matrix is IJK->RAS, never LPS)::
     job.json      task, contrasts, bundle (+ optional manifest sha256), sampling settings
     input.npz     one float32 (k, j, i) array per contrast, plus ``ijk_to_ras`` (4x4 float64)
     cancel        created by the driver to ask the worker to stop (cooperative cancel)
-    output.npz    ``array`` (float32, (k, j, i)) and the output's OWN ``ijk_to_ras``
+    output.npz    ``array`` (float32, (k, j, i)) and the output's OWN ``ijk_to_ras``; with several
+                  samples also ``uncertainty``, their voxel-wise standard deviation on the same grid
     output.json   provenance of the run
 
 All inputs of one job share one grid (one ``ijk_to_ras``). For super-resolution the output
@@ -35,6 +36,8 @@ OUTPUT_JSON = "output.json"
 CANCEL_FILE = "cancel"
 MATRIX_KEY = "ijk_to_ras"
 ARRAY_KEY = "array"
+UNCERTAINTY_KEY = "uncertainty"
+MAX_SAMPLES = 64
 JOB_FORMAT = "scorefusion-job"
 JOB_FORMAT_VERSION = 1
 
@@ -57,6 +60,9 @@ class JobSettings:
     seed: int = 0
     device: str = "auto"
     slice_batch: int = 8
+    samples: int = 1
+    tile_size: int | None = None
+    max_memory_gb: float | None = None
 
     def validate(self) -> JobSettings:
         if self.task not in TASKS:
@@ -88,6 +94,16 @@ class JobSettings:
             raise InputError(f"job.json: 'steps' must be at least 1, got {self.steps}")
         if self.slice_batch < 1:
             raise InputError(f"job.json: 'slice_batch' must be at least 1, got {self.slice_batch}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or not 1 <= self.samples <= MAX_SAMPLES:
+            raise InputError(f"job.json: 'samples' must be a whole number in 1..{MAX_SAMPLES}, got {self.samples!r}")
+        if self.tile_size is not None and (isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int)
+                                           or self.tile_size < 8):
+            raise InputError(f"job.json: 'tile_size' must be null or a whole number of voxels >= 8, "
+                             f"got {self.tile_size!r}")
+        if self.max_memory_gb is not None and (
+                isinstance(self.max_memory_gb, bool) or not isinstance(self.max_memory_gb, (int, float))
+                or not math.isfinite(self.max_memory_gb) or self.max_memory_gb <= 0):
+            raise InputError(f"job.json: 'max_memory_gb' must be null or a positive number, got {self.max_memory_gb!r}")
         for name in ("method", "sampler", "time_grid", "device"):
             if not isinstance(getattr(self, name), str):
                 raise InputError(f"job.json: {name!r} must be a string, got {getattr(self, name)!r}")
@@ -247,8 +263,9 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def write_output(folder: str | os.PathLike, volume: Volume, provenance: dict | None = None) -> Path:
-    """Write ``output.npz`` (array + its own ``ijk_to_ras``) and ``output.json``, each atomically.
+def write_output(folder: str | os.PathLike, volume: Volume, provenance: dict | None = None,
+                 uncertainty: Volume | None = None) -> Path:
+    """Write ``output.npz`` (array + its own ``ijk_to_ras`` [+ uncertainty]) and ``output.json``, each atomically.
 
     Returns the path of ``output.npz``.
     """
@@ -256,30 +273,53 @@ def write_output(folder: str | os.PathLike, volume: Volume, provenance: dict | N
     if not isinstance(volume, Volume):
         raise InputError(f"the output must be a Volume, got {type(volume).__name__}")
     arr = _check_array(volume.array, "the output")
+    arrays = {ARRAY_KEY: arr, MATRIX_KEY: np.asarray(volume.affine, dtype=np.float64)}
+    if uncertainty is not None:
+        std = _check_array(uncertainty.array, "the uncertainty map")
+        if std.shape != arr.shape or not np.allclose(uncertainty.affine, volume.affine, rtol=0, atol=1e-9):
+            raise InputError("the uncertainty map must lie on the output's grid")
+        arrays[UNCERTAINTY_KEY] = std
     out = folder / OUTPUT_FILE
-    _save_npz(out, {ARRAY_KEY: arr, MATRIX_KEY: np.asarray(volume.affine, dtype=np.float64)})
+    _save_npz(out, arrays)
     meta = {"shape_kji": list(arr.shape), MATRIX_KEY: np.asarray(volume.affine).tolist(),
-            "provenance": _jsonable(provenance or {})}
+            "uncertainty": uncertainty is not None, "provenance": _jsonable(provenance or {})}
     write_text_atomic(folder / OUTPUT_JSON, json.dumps(meta, indent=2, allow_nan=False) + "\n")
     return out
 
 
-def read_output(folder: str | os.PathLike) -> tuple[Volume, dict]:
-    """The output volume and the provenance written by :func:`write_output`."""
-    folder = Path(folder)
-    path = folder / OUTPUT_FILE
+def _read_output_arrays(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+    path = Path(folder) / OUTPUT_FILE
     if not path.is_file():
         raise InputError(f"no {OUTPUT_FILE} in the job folder {folder}")
     with np.load(path, allow_pickle=False) as npz:
         if ARRAY_KEY not in npz.files or MATRIX_KEY not in npz.files:
             raise InputError(f"{path} must hold '{ARRAY_KEY}' and '{MATRIX_KEY}'")
-        arr = _check_array(npz[ARRAY_KEY], OUTPUT_FILE)
-        matrix = _check_matrix(npz[MATRIX_KEY], OUTPUT_FILE)
+        arrays = {ARRAY_KEY: _check_array(npz[ARRAY_KEY], OUTPUT_FILE),
+                  MATRIX_KEY: _check_matrix(npz[MATRIX_KEY], OUTPUT_FILE)}
+        if UNCERTAINTY_KEY in npz.files:
+            arrays[UNCERTAINTY_KEY] = _check_array(npz[UNCERTAINTY_KEY], f"{OUTPUT_FILE} uncertainty")
+    return arrays
+
+
+def read_output(folder: str | os.PathLike) -> tuple[Volume, dict]:
+    """The output volume and the provenance written by :func:`write_output`."""
+    folder = Path(folder)
+    arrays = _read_output_arrays(folder)
     provenance: dict = {}
     meta_path = folder / OUTPUT_JSON
     if meta_path.is_file():
         provenance = json.loads(meta_path.read_text(encoding="utf-8")).get("provenance", {})
-    return Volume(arr, matrix), provenance
+    return Volume(arrays[ARRAY_KEY], arrays[MATRIX_KEY]), provenance
+
+
+def read_uncertainty(folder: str | os.PathLike) -> Volume | None:
+    """The standard deviation of the samples on the output's grid, or None for a one-sample run."""
+    arrays = _read_output_arrays(folder)
+    if UNCERTAINTY_KEY not in arrays:
+        return None
+    if arrays[UNCERTAINTY_KEY].shape != arrays[ARRAY_KEY].shape:
+        raise InputError(f"{OUTPUT_FILE}: the uncertainty map's shape differs from the output's")
+    return Volume(arrays[UNCERTAINTY_KEY], arrays[MATRIX_KEY])
 
 
 def request_cancel(folder: str | os.PathLike) -> Path:

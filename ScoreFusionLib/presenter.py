@@ -36,6 +36,7 @@ FINISHED = (DONE, CANCELLED, FAILED)
 WORKER_ALIVE = (STARTING, RUNNING, CANCELLING)
 
 STAGE_LABELS = {
+    "downloading": "Downloading model",
     "loading_weights": "Loading weights",
     "preprocessing": "Preprocessing",
     "sampling": "Sampling",

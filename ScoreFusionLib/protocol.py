@@ -34,7 +34,9 @@ from typing import IO, Any
 
 PROTOCOL_VERSION = 1
 
-STAGES = ("loading_weights", "preprocessing", "sampling", "postprocessing", "writing")
+#: The stages of a ``run`` job, in order; ``fetch`` has the one stage ``downloading``.
+RUN_STAGES = ("loading_weights", "preprocessing", "sampling", "postprocessing", "writing")
+STAGES = ("downloading", *RUN_STAGES)
 ERROR_KINDS = ("input", "weights", "oom", "cancelled", "internal")
 EVENTS = ("hello", "stage", "progress", "log", "warning", "error", "result")
 

@@ -1,22 +1,31 @@
-"""The inference worker the Slicer module runs as a subprocess.
+"""The worker the Slicer module runs as a subprocess (and anyone can run by hand).
 
 Usage::
 
     python ScoreFusionLib/worker.py run --job DIR [--device auto|cpu|cuda|cuda:N]
+    python ScoreFusionLib/worker.py fetch --id ID[@VERSION] --job DIR
+    python ScoreFusionLib/worker.py import --path BUNDLE_DIR_OR_ZIP --job DIR
+    python ScoreFusionLib/worker.py models
     python ScoreFusionLib/worker.py probe
     python -m ScoreFusionLib.worker ...
 
-``run`` reads the job folder (:mod:`ScoreFusionLib.jobio`), translates, writes ``output.npz``
-atomically and reports on stdout with the line protocol of :mod:`ScoreFusionLib.protocol`.
-stdout carries protocol lines only: Python warnings become ``warning`` events, and anything
-else written to file descriptor 1 (C libraries, stray prints) is sent to stderr.
+``run`` reads the job folder (:mod:`ScoreFusionLib.jobio`; its ``bundle`` is a model id, a bundle
+folder or a bundle .zip), translates, writes ``output.npz`` (with the uncertainty map when the job
+draws several samples) atomically and reports on stdout with the line protocol of
+:mod:`ScoreFusionLib.protocol`. ``fetch`` installs a registry model (download or embedded copy) with
+byte progress; ``import`` validates a bundle and copies it into the cache; both end with a ``result``
+event naming the installed folder. stdout carries protocol lines only: Python warnings become
+``warning`` events, and anything else written to file descriptor 1 (C libraries, stray prints) is
+sent to stderr.
 
-Cancel: the driver creates ``<job>/cancel``; the worker checks it after every diffusion step,
-stops, emits ``error kind=cancelled`` and exits 130 without writing any output.
+Cancel: the driver creates ``<job>/cancel``; ``run`` checks it after every diffusion step, ``fetch``
+after every chunk; the worker stops, emits ``error kind=cancelled`` and exits 130 without writing
+any output (an interrupted download keeps its ``.part`` file, so the next fetch resumes it).
 
 Exit codes: 0 ok, 2 input or weights problem, 3 out of memory, 130 cancelled, 1 internal error.
 Test hook: ``SCOREFUSION_FAKE_OOM=1`` raises an out-of-memory error at the first step.
 
+``models`` prints one JSON object ``{"models": [...]}`` (:func:`ScoreFusionLib.registry.listing.list_models`);
 ``probe`` prints one JSON object describing torch and the devices (or the import error).
 """
 
@@ -150,12 +159,13 @@ def run_job(job_dir: str | os.PathLike, device: str | None, report: Reporter) ->
 
     try:
         from ScoreFusionLib.bundle import read_manifest, sha256_file
+        from ScoreFusionLib.registry import resolve_model
         from ScoreFusionLib.translate import SamplingOptions, super_resolve, synthesize
 
         report(protocol.stage("loading_weights"))
         job = read_job(job_dir)
         s = job.settings
-        bundle = Path(s.bundle)
+        bundle = resolve_model(s.bundle)
         read_manifest(bundle)
         if s.bundle_sha256:
             actual = sha256_file(bundle / "manifest.json")
@@ -168,7 +178,8 @@ def run_job(job_dir: str | os.PathLike, device: str | None, report: Reporter) ->
             raise JobCancelled("cancelled before sampling")
         report(protocol.stage("preprocessing"))
         options = SamplingOptions(method=s.method, sampler=s.sampler, steps=s.steps, time_grid=s.time_grid,
-                                  seed=s.seed, device=device or s.device, slice_batch=s.slice_batch)
+                                  seed=s.seed, device=device or s.device, slice_batch=s.slice_batch,
+                                  samples=s.samples, tile_size=s.tile_size, max_memory_gb=s.max_memory_gb)
         options.validate()
         eta.reset()
         if s.task == "super_resolve":
@@ -182,7 +193,7 @@ def run_job(job_dir: str | os.PathLike, device: str | None, report: Reporter) ->
         provenance["job"] = s.to_dict()
         provenance["device"] = options.device
         report(protocol.stage("writing"))
-        write_output(job_dir, out.volume, provenance)
+        write_output(job_dir, out.volume, provenance, uncertainty=out.uncertainty)
         report(protocol.result(OUTPUT_FILE))
         return protocol.EXIT_OK
     except JobCancelled as exc:
@@ -190,25 +201,95 @@ def run_job(job_dir: str | os.PathLike, device: str | None, report: Reporter) ->
         report(protocol.error("cancelled", str(exc), ""))
         return protocol.EXIT_CANCELLED
     except Exception as exc:
-        from ScoreFusionLib.bundle import BundleError
-        from ScoreFusionLib.errors import ScoreFusionError
-
-        if isinstance(exc, BundleError):
-            report(protocol.error("weights", str(exc), "Check the model: download it again or choose another."))
-            return protocol.EXIT_INPUT
-        if isinstance(exc, ScoreFusionError):
-            report(protocol.error("input", str(exc), ""))
-            return protocol.EXIT_INPUT
         if _is_oom(exc):
             _free_device_memory()
             report(protocol.error("oom", f"out of memory: {exc}", OOM_HINT))
             return protocol.EXIT_OOM
-        for line in traceback.format_exc().rstrip().splitlines():
-            report(protocol.log(line))
-        report(protocol.error("internal", f"{type(exc).__name__}: {exc}", ""))
-        return protocol.EXIT_INTERNAL
+        return _report_failure(exc, report)
     finally:
         warnings.showwarning = previous_showwarning
+
+
+def _report_failure(exc: Exception, report: Reporter) -> int:
+    """Report an exception as a protocol error; the exit code (2 for our own errors, 1 for crashes)."""
+    from ScoreFusionLib import protocol
+    from ScoreFusionLib.archive import ArchiveError
+    from ScoreFusionLib.bundle import BundleError
+    from ScoreFusionLib.errors import ScoreFusionError
+    from ScoreFusionLib.registry import DownloadError, RegistryError
+
+    if isinstance(exc, (BundleError, ArchiveError, RegistryError, DownloadError)):
+        report(protocol.error("weights", str(exc), "Check the model: download it again or choose another."))
+        return protocol.EXIT_INPUT
+    if isinstance(exc, ScoreFusionError):
+        report(protocol.error("input", str(exc), ""))
+        return protocol.EXIT_INPUT
+    for line in traceback.format_exc().rstrip().splitlines():
+        report(protocol.log(line))
+    report(protocol.error("internal", f"{type(exc).__name__}: {exc}", ""))
+    return protocol.EXIT_INTERNAL
+
+
+def _cancellable_progress(cancel_file: Path, report: Reporter, min_interval_s: float = 0.1) -> Any:
+    """A byte-progress callback: at most one event per ``min_interval_s`` (and the last), cancel between chunks."""
+    import time
+
+    from ScoreFusionLib import protocol
+
+    last = [float("-inf")]
+
+    def on_progress(done: int, total: int | None) -> None:
+        if cancel_file.exists():
+            raise JobCancelled(f"cancelled after {done} bytes")
+        now = time.monotonic()
+        if done > 0 and (now - last[0] >= min_interval_s or done == total):
+            last[0] = now
+            report(protocol.progress(done, max(done, total or done)))
+
+    return on_progress
+
+
+def fetch_model(spec: str, job_dir: str | os.PathLike, report: Reporter) -> int:
+    """Install registry model ``spec`` (``id`` or ``id@version``) into the cache, with byte progress."""
+    from ScoreFusionLib import protocol
+
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    report(protocol.hello(None, "cpu"))
+    try:
+        from ScoreFusionLib.registry import RegistryError, install_model, load_registry
+
+        model_id, _, version = spec.partition("@")
+        entry = load_registry().get(model_id)
+        if version and version != entry.version:
+            raise RegistryError(f"the registry has version {entry.version} of {model_id!r}, not {version}")
+        report(protocol.stage("downloading"))
+        path = install_model(entry, progress=False,
+                             on_progress=_cancellable_progress(job_dir / "cancel", report))
+        report(protocol.result(str(path)))
+        return protocol.EXIT_OK
+    except JobCancelled as exc:
+        report(protocol.error("cancelled", str(exc), "The partial download is kept; fetching again resumes it."))
+        return protocol.EXIT_CANCELLED
+    except Exception as exc:
+        return _report_failure(exc, report)
+
+
+def import_model(path: str, job_dir: str | os.PathLike, report: Reporter) -> int:
+    """Validate a bundle folder or .zip and copy it into the cache."""
+    from ScoreFusionLib import protocol
+
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
+    report(protocol.hello(None, "cpu"))
+    try:
+        from ScoreFusionLib.registry import import_bundle
+
+        report(protocol.stage("loading_weights"))
+        installed = import_bundle(path)
+        report(protocol.result(str(installed)))
+        return protocol.EXIT_OK
+    except Exception as exc:
+        return _report_failure(exc, report)
 
 
 def probe() -> dict:
@@ -268,13 +349,30 @@ def main(argv: list[str] | None = None, stream: IO[str] | None = None) -> int:
     run = sub.add_parser("run", help="run a job folder")
     run.add_argument("--job", required=True, help="the job folder (job.json + input.npz)")
     run.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: job.json's)")
+    fetch = sub.add_parser("fetch", help="install a registry model (download or embedded copy)")
+    fetch.add_argument("--id", required=True, help="model id, optionally id@version")
+    fetch.add_argument("--job", required=True, help="a folder for the cancel file")
+    imp = sub.add_parser("import", help="validate a bundle folder or .zip and copy it into the cache")
+    imp.add_argument("--path", required=True, help="the bundle folder or .zip")
+    imp.add_argument("--job", required=True, help="a folder for the cancel file")
+    sub.add_parser("models", help="print the registry's and the imported models as JSON")
     sub.add_parser("probe", help="print torch and device information as JSON")
     args = parser.parse_args(argv)
     out = stream if stream is not None else sys.stdout
-    if args.command == "probe":
-        out.write(json.dumps(probe()) + "\n")
+    if args.command in ("probe", "models"):
+        if args.command == "probe":
+            payload = probe()
+        else:
+            from ScoreFusionLib.registry.listing import list_models
+
+            payload = {"models": list_models()}
+        out.write(json.dumps(payload) + "\n")
         out.flush()
         return 0
+    if args.command == "fetch":
+        return fetch_model(args.id, args.job, Reporter(out))
+    if args.command == "import":
+        return import_model(args.path, args.job, Reporter(out))
     return run_job(args.job, args.device, Reporter(out))
 
 

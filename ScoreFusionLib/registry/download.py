@@ -13,8 +13,11 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Optional, Union
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -48,11 +51,33 @@ def part_path(dest: str | os.PathLike) -> Path:
     return dest.with_name(dest.name + ".part")
 
 
-def _progress_bar(total: int | None, initial: int, name: str, show: bool) -> Any:
-    from tqdm.auto import tqdm
+#: ``on_progress(bytes_done, bytes_total_or_None)``, called after every chunk; it may raise to abort.
+ProgressCallback = Callable[[int, Optional[int]], None]
 
-    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
-                file=sys.stderr, disable=not show, dynamic_ncols=True)
+
+@dataclass(frozen=True)
+class _Feedback:
+    """How a transfer reports: a terminal progress bar and/or the caller's callback."""
+
+    show: bool = True
+    on_progress: ProgressCallback | None = None
+
+    @contextmanager
+    def bar(self, total: int | None, initial: int, name: str) -> Iterator[Callable[[int], None]]:
+        """An ``update(n_bytes)`` function for one transfer."""
+        from tqdm.auto import tqdm
+
+        done = [initial]
+        with tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
+                  file=sys.stderr, disable=not self.show, dynamic_ncols=True) as tq:
+
+            def update(n: int) -> None:
+                tq.update(n)
+                done[0] += n
+                if self.on_progress is not None:
+                    self.on_progress(done[0], total)
+
+            yield update
 
 
 def _timeouts(timeout: Timeout) -> tuple[float, float]:
@@ -73,6 +98,7 @@ def download(
     backoff: float = 1.0,
     progress: bool = True,
     session: Any = None,
+    on_progress: ProgressCallback | None = None,
 ) -> Path:
     """Download ``url`` to ``dest`` and check it against ``sha256`` (and ``size`` when not None).
 
@@ -83,6 +109,8 @@ def download(
     timeout : seconds to connect and to wait for each piece of data, one number or (connect, read).
     retries : further attempts after a transient failure; the pauses are ``backoff * 2**k`` s.
     session : a ``requests.Session`` to use (one is created otherwise).
+    on_progress : called with (bytes done, total bytes or None) after every chunk; an exception it
+        raises aborts the transfer at once (no retry) and leaves the ``.part`` file for a resume.
 
     Raises :class:`ChecksumError` when the complete file does not match (the partial file is
     deleted) and :class:`DownloadError` for anything else; on an interruption the ``.part`` file
@@ -100,13 +128,14 @@ def download(
         dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(dest)
+    feedback = _Feedback(progress, on_progress)
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
-        _download_http(url, part, size, _timeouts(timeout), retries, backoff, progress, session)
+        _download_http(url, part, size, _timeouts(timeout), retries, backoff, feedback, session)
     elif parsed.scheme == "file":
-        _copy_local(Path(url2pathname(parsed.path)), part, progress)
+        _copy_local(Path(url2pathname(parsed.path)), part, feedback)
     elif not parsed.scheme or (len(parsed.scheme) == 1 and os.name == "nt"):  # a path, C:\... included
-        _copy_local(Path(url), part, progress)
+        _copy_local(Path(url), part, feedback)
     else:
         raise DownloadError(f"unsupported url scheme {parsed.scheme!r} in {url}: use http(s)://, file:// or a path")
     _verify_and_move(part, dest, expected, size, url)
@@ -126,16 +155,16 @@ def _verify_and_move(part: Path, dest: Path, expected: str, size: int | None, ur
     os.replace(part, dest)
 
 
-def _copy_local(src: Path, part: Path, show: bool) -> None:
+def _copy_local(src: Path, part: Path, feedback: _Feedback) -> None:
     """Copy a local archive chunk by chunk (a progress bar for large embedded models)."""
     if not src.is_file():
         raise DownloadError(f"model archive {src} does not exist")
     try:
         with open(src, "rb") as fin, open(part, "wb") as fout, \
-                _progress_bar(src.stat().st_size, 0, src.name, show) as bar:
+                feedback.bar(src.stat().st_size, 0, src.name) as update:
             while block := fin.read(CHUNK * 16):
                 fout.write(block)
-                bar.update(len(block))
+                update(len(block))
     except BaseException as exc:
         part.unlink(missing_ok=True)
         if isinstance(exc, OSError):
@@ -144,7 +173,7 @@ def _copy_local(src: Path, part: Path, show: bool) -> None:
 
 
 def _download_http(url: str, part: Path, size: int | None, timeout: tuple[float, float], retries: int,
-                   backoff: float, show: bool, session: Any) -> None:
+                   backoff: float, feedback: _Feedback, session: Any) -> None:
     """Fetch until ``part`` holds the whole file, retrying transient failures with backoff."""
     import requests
 
@@ -154,7 +183,7 @@ def _download_http(url: str, part: Path, size: int | None, timeout: tuple[float,
     try:
         while True:
             try:
-                _fetch_once(session, url, part, size, timeout, show)
+                _fetch_once(session, url, part, size, timeout, feedback)
                 return
             except _Retryable as exc:
                 failures += 1
@@ -163,7 +192,7 @@ def _download_http(url: str, part: Path, size: int | None, timeout: tuple[float,
                         f"downloading {url} failed after {failures} attempt{'s' if failures > 1 else ''}: {exc}"
                     ) from None
                 delay = backoff * 2 ** (failures - 1)
-                if show:
+                if feedback.show:
                     print(f"{exc}; retrying in {delay:.1f} s ({failures}/{retries})", file=sys.stderr)
                 time.sleep(delay)
     finally:
@@ -198,7 +227,7 @@ def _content_range(header: str | None) -> tuple[int | None, int | None]:
 
 
 def _fetch_once(session: Any, url: str, part: Path, size: int | None, timeout: tuple[float, float],
-                show: bool) -> None:
+                feedback: _Feedback) -> None:
     """One GET, resuming ``part`` with a Range request when it holds bytes already."""
     import requests
 
@@ -247,7 +276,7 @@ def _fetch_once(session: Any, url: str, part: Path, size: int | None, timeout: t
                 f"{url} is {expected_total} bytes long but the registry expects {size}: it is not the registered file"
             )
         received = 0
-        with open(part, mode) as out, _progress_bar(expected_total or size, have, part.name[:-5], show) as bar:
+        with open(part, mode) as out, feedback.bar(expected_total or size, have, part.name[:-5]) as update:
             try:
                 for chunk in resp.iter_content(CHUNK):
                     if size is not None and have + received + len(chunk) > size:
@@ -256,7 +285,7 @@ def _fetch_once(session: Any, url: str, part: Path, size: int | None, timeout: t
                         raise ChecksumError(f"{url} sent more than the {size} bytes the registry expects")
                     out.write(chunk)
                     received += len(chunk)
-                    bar.update(len(chunk))
+                    update(len(chunk))
             except requests.exceptions.RequestException as exc:
                 raise _Retryable(f"{_describe(exc, timeout, host)} after {have + received} bytes") from exc
         if length is not None and received < length:

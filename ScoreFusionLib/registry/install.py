@@ -28,7 +28,7 @@ from .cache import (
     staging_path,
 )
 from .catalog import ID_PATTERN, ModelEntry, Registry, RegistryError, check_model_id, check_version, load_registry
-from .download import DEFAULT_TIMEOUT, Timeout, download, part_path
+from .download import DEFAULT_TIMEOUT, ProgressCallback, Timeout, download, part_path
 
 #: version given to an imported bundle whose manifest has no ``model.version`` (and no --version)
 LOCAL_VERSION = "local"
@@ -85,6 +85,7 @@ def install_model(
     retries: int = 4,
     backoff: float = 1.0,
     progress: bool = True,
+    on_progress: ProgressCallback | None = None,
 ) -> Path:
     """Install a registry model into ``models/<id>/<version>/`` and return that folder.
 
@@ -108,7 +109,7 @@ def install_model(
         archive.unlink(missing_ok=True)
     try:
         download(entry.location(), archive, entry.sha256, entry.size, timeout=timeout, retries=retries,
-                 backoff=backoff, progress=progress)
+                 backoff=backoff, progress=progress, on_progress=on_progress)
         _unpack_into_place(archive, final, replace=force)
     except ScoreFusionError:
         archive.unlink(missing_ok=True)  # a verified archive that does not unpack will not do better next time

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from http_fixtures import server  # noqa: F401  (the 127.0.0.1 server fixture, shared by the download tests)
+
 _PERMUTATIONS = tuple(itertools.permutations(range(3)))
 
 

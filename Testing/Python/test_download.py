@@ -9,10 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
 import time
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,97 +22,6 @@ from ScoreFusionLib.registry.catalog import parse_registry
 from ScoreFusionLib.registry.download import ChecksumError, DownloadError, download, part_path
 from ScoreFusionLib.registry.install import install_model
 
-# ---------------------------------------------------------------------------------------------
-# a local server with injectable faults
-
-
-class FaultyServer:
-    """Serves ``files`` (url path -> bytes); ``faults[path]`` is a queue of per-request misbehaviours.
-
-    Faults: ``("drop", n)`` send n body bytes then close; ``("status", code)``; ``("ignore-range",)``
-    answer 200 with the whole file; ``("stall-headers", s)`` / ``("stall-body", s)`` wait s seconds
-    before the headers / after the first 1000 body bytes; ``("corrupt",)`` flip the body's first byte.
-    """
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.faults: dict[str, list[tuple]] = {}
-        self.log: list[dict] = []  # one record per request: path, method, headers, status
-        self.lock = threading.Lock()
-
-    def next_fault(self, path: str) -> tuple:
-        with self.lock:
-            queue = self.faults.get(path) or []
-            return queue.pop(0) if queue else ()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:  # keep the test output clean
-        pass
-
-    def _headers(self, status: int, headers: dict) -> None:
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, str(value))
-        self.end_headers()
-
-    def do_GET(self) -> None:
-        app: FaultyServer = self.server.app
-        record = {"path": self.path, "method": "GET", "headers": dict(self.headers), "status": None}
-        app.log.append(record)
-        fault = app.next_fault(self.path)
-        data = app.files.get(self.path)
-        if fault[:1] == ("stall-headers",):
-            time.sleep(fault[1])
-        if data is None or fault[:1] == ("status",):
-            record["status"] = fault[1] if fault else 404
-            self._headers(record["status"], {"Content-Length": 0})
-            return
-        if fault[:1] == ("corrupt",):
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
-        start, status, extra = 0, 200, {}
-        wanted = self.headers.get("Range")
-        if wanted and fault[:1] != ("ignore-range",):
-            m = re.fullmatch(r"bytes=(\d+)-", wanted)
-            start = int(m.group(1))
-            if start >= len(data):
-                record["status"] = 416
-                self._headers(416, {"Content-Range": f"bytes */{len(data)}", "Content-Length": 0})
-                return
-            status, extra = 206, {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
-        body = data[start:]
-        record["status"] = status
-        self._headers(status, {"Content-Length": len(body), "Content-Type": "application/zip", **extra})
-        if fault[:1] == ("drop",):
-            self.wfile.write(body[: fault[1]])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        if fault[:1] == ("stall-body",):
-            self.wfile.write(body[:1000])
-            self.wfile.flush()
-            time.sleep(fault[1])
-            body = body[1000:]
-        self.wfile.write(body)
-
-    def do_HEAD(self) -> None:
-        self.server.app.log.append({"path": self.path, "method": "HEAD", "headers": dict(self.headers)})
-        self._headers(405, {"Content-Length": 0})
-
-    do_POST = do_PUT = do_HEAD
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address) -> None:  # a client that gave up: not a test failure
-        pass
-
 
 @pytest.fixture(autouse=True)
 def home(tmp_path, monkeypatch) -> Path:
@@ -122,22 +29,6 @@ def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("SCOREFUSION_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("SCOREFUSION_REGISTRY", raising=False)
     return tmp_path / "home"
-
-
-@pytest.fixture
-def server(monkeypatch):
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    app = FaultyServer()
-    httpd = _Server(("127.0.0.1", 0), _Handler)
-    httpd.app = app
-    app.port = httpd.server_address[1]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield app
-    httpd.shutdown()
-    httpd.server_close()
 
 
 @pytest.fixture
@@ -302,38 +193,30 @@ def test_refused_connection_is_a_clear_error(payload, tmp_path, sleeps):
         fetch(f"http://127.0.0.1:{port}/m.zip", tmp_path / "m.zip", sha, 10, retries=1)
 
 
-def test_keyboard_interrupt_mid_download_leaves_no_final_file(server, payload, tmp_path, monkeypatch):
+def test_an_exception_from_the_progress_callback_aborts_and_the_next_run_resumes(server, payload, tmp_path):
+    """Ctrl-C, or a cancel raised from ``on_progress``, stops the transfer at once: no retry, no final file."""
     data, sha = payload
     server.files["/m.zip"] = data
-    real_bar = download_module._progress_bar
+    calls = []
 
-    class Interrupting:
-        def __init__(self, *args):
-            self.calls = 0
+    def interrupt_on_second_chunk(done, total):
+        calls.append((done, total))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def update(self, n):
-            self.calls += 1
-            if self.calls == 2:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(download_module, "_progress_bar", Interrupting)
     dest = tmp_path / "m.zip"
     with pytest.raises(KeyboardInterrupt):
-        fetch(server.url("/m.zip"), dest, sha, len(data))
-    assert not dest.exists()
+        fetch(server.url("/m.zip"), dest, sha, len(data), on_progress=interrupt_on_second_chunk)
+    assert not dest.exists() and len(server.log) == 1
+    assert calls[0][1] == len(data) and calls[1][0] > calls[0][0] > 0
     kept = part_path(dest).stat().st_size
     assert 0 < kept < len(data)
-    # the next run picks up where the interrupted one stopped
-    monkeypatch.setattr(download_module, "_progress_bar", real_bar)
-    fetch(server.url("/m.zip"), dest, sha, len(data))
+    # the next run picks up where the interrupted one stopped, and reports from there to the end
+    progress = []
+    fetch(server.url("/m.zip"), dest, sha, len(data), on_progress=lambda done, total: progress.append(done))
     assert dest.read_bytes() == data
     assert server.log[-1]["headers"]["Range"] == f"bytes={kept}-"
+    assert progress[0] > kept and progress[-1] == len(data)
 
 
 def test_local_paths_and_file_urls_are_checked_too(payload, tmp_path):

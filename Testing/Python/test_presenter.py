@@ -25,7 +25,7 @@ def test_happy_path():
     seen.append(p.state)
     p.on_line(protocol.dumps(protocol.hello("2.13.0", "cuda:0", pid=7)) + "\n")
     seen.append(p.state)
-    for name in protocol.STAGES[:3]:
+    for name in protocol.RUN_STAGES[:3]:
         p.on_event(protocol.stage(name))
     for step in range(1, 4):
         p.on_event(protocol.progress(step, 3, eta_s=None if step == 1 else 10.0 * (3 - step)))

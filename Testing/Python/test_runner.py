@@ -143,7 +143,7 @@ def test_successful_job_through_the_scheduler(tmp_path, sr_bundle):
     assert rec.threads == {threading.get_ident()}  # every callback on the calling thread
     seq = rec.names()
     assert seq[0] == "hello" and seq[-1] == "result" and rec.events[-1]["path"] == OUTPUT_FILE
-    assert [e["name"] for e in rec.events if e["event"] == "stage"] == list(protocol.STAGES)
+    assert [e["name"] for e in rec.events if e["event"] == "stage"] == list(protocol.RUN_STAGES)
     steps = [e["step"] for e in rec.events if e["event"] == "progress"]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3
     assert seq.index("stage") < seq.index("progress") < seq.index("result")

@@ -229,7 +229,7 @@ def test_worker_super_resolves_onto_the_sr_grid(tmp_path, sr_bundle):
     assert events[0]["event"] == "hello" and events[0]["protocol"] == 1 and events[0]["device"] == "cpu"
     assert isinstance(events[0]["pid"], int) and events[0]["torch"]
     stages = [e["name"] for e in events if e["event"] == "stage"]
-    assert stages == list(protocol.STAGES)
+    assert stages == list(protocol.RUN_STAGES)
     progress = [e for e in events if e["event"] == "progress"]
     total = progress[0]["total"]
     assert [p["step"] for p in progress] == list(range(1, total + 1)) and total >= 3
