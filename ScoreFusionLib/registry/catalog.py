@@ -210,21 +210,41 @@ def _where(error: Any) -> str:
     return text or "(top level)"
 
 
+def _check_required_fields(data: Any, schema: dict, source: str) -> None:
+    """Without jsonschema: the schema's required keys, so that listing models never crashes on a bad file.
+
+    The worker, which always has jsonschema, validates the registry fully before installing anything.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise RegistryError(f"{source} is not a valid model registry: it needs a 'models' list")
+    missing = [k for k in schema["required"] if k not in data]
+    required = schema["$defs"]["model"]["required"]
+    for i, entry in enumerate(data["models"]):
+        if not isinstance(entry, dict):
+            raise RegistryError(f"{source} is not a valid model registry: models[{i}] is not an object")
+        missing += [f"models[{i}].{k}" for k in required if k not in entry]
+    if missing:
+        raise RegistryError(f"{source} is not a valid model registry: missing {', '.join(missing[:5])}")
+
+
 def validate_registry_data(data: Any, source: str = "registry") -> None:
     """Check a registry's JSON against the schema and the rules a schema cannot say.
 
     Those rules: ids are unique, ``mt`` models have inputs that do not include the target, and
     an ``embedded`` model's url is a relative path (it must ship with the registry).
     """
-    import jsonschema
-
     schema = read_json(schema_path(), "registry schema")
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(data), key=lambda e: (list(map(str, e.absolute_path)), e.message))
-    if errors:
-        shown = "; ".join(f"{_where(e)}: {e.message}" for e in errors[:5])
-        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        raise RegistryError(f"{source} is not a valid model registry: {shown}{more}")
+    try:
+        import jsonschema
+    except ImportError:  # Slicer's own Python before the first Apply installed the worker's packages
+        _check_required_fields(data, schema, source)
+    else:
+        validator = jsonschema.Draft202012Validator(schema)
+        errors = sorted(validator.iter_errors(data), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+        if errors:
+            shown = "; ".join(f"{_where(e)}: {e.message}" for e in errors[:5])
+            more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+            raise RegistryError(f"{source} is not a valid model registry: {shown}{more}")
     seen: set[str] = set()
     for i, entry in enumerate(data["models"]):
         where = f"{source}: models[{i}] ({entry['id']})"
