@@ -2,7 +2,8 @@
 
 Layout (numpy and JSON only; every matrix is IJK->RAS, never LPS)::
 
-    job.json      task, contrasts, bundle (+ optional manifest sha256), sampling settings
+    job.json      task, contrasts, bundle (folder, .zip or model id; + optional manifest sha256),
+                  sampling settings (samples, tile_size, max_memory_gb, ...)
     input.npz     one float32 (k, j, i) array per contrast, plus ``ijk_to_ras`` (4x4 float64)
     cancel        created by the driver to ask the worker to stop (cooperative cancel)
     output.npz    ``array`` (float32, (k, j, i)) and the output's OWN ``ijk_to_ras``; with several
@@ -81,7 +82,8 @@ class JobSettings:
                 f"got {self.contrasts}"
             )
         if not isinstance(self.bundle, str) or not self.bundle:
-            raise InputError(f"job.json: 'bundle' must be a folder path, got {self.bundle!r}")
+            raise InputError(f"job.json: 'bundle' must be a bundle folder, a bundle .zip or a model id, "
+                             f"got {self.bundle!r}")
         if self.bundle_sha256 is not None and not (
             isinstance(self.bundle_sha256, str) and len(self.bundle_sha256) == 64
         ):

@@ -8,11 +8,13 @@ event      fields
 ========== ==============================================================
 hello      ``protocol`` (int), ``pid``, ``torch`` (version), ``device``
 stage      ``name``: one of :data:`STAGES`
-progress   ``step``, ``total``, ``patch``, ``patches``, ``elapsed_s``, ``eta_s``
+progress   ``step``, ``total``, ``patch``, ``patches``, ``elapsed_s``, ``eta_s`` (``fetch``:
+           step and total are bytes)
 log        ``msg``
 warning    ``msg``
 error      ``kind`` (one of :data:`ERROR_KINDS`), ``msg``, ``hint``
-result     ``path`` (relative to the job folder)
+result     ``path``: ``run``'s output, relative to the job folder; ``fetch`` and ``import``:
+           the installed model folder, absolute
 ========== ==============================================================
 
 stderr is usually merged into the same pipe, so :func:`parse_line` is tolerant: anything

@@ -9,24 +9,31 @@ Usage::
     python ScoreFusionLib/worker.py probe
     python -m ScoreFusionLib.worker ...
 
-``run`` reads the job folder (:mod:`ScoreFusionLib.jobio`; its ``bundle`` is a model id, a bundle
-folder or a bundle .zip), translates, writes ``output.npz`` (with the uncertainty map when the job
-draws several samples) atomically and reports on stdout with the line protocol of
-:mod:`ScoreFusionLib.protocol`. ``fetch`` installs a registry model (download or embedded copy) with
-byte progress; ``import`` validates a bundle and copies it into the cache; both end with a ``result``
-event naming the installed folder. stdout carries protocol lines only: Python warnings become
-``warning`` events, and anything else written to file descriptor 1 (C libraries, stray prints) is
-sent to stderr.
+``run`` reads the job folder (:mod:`ScoreFusionLib.jobio`; its ``bundle`` is a bundle folder, a
+bundle .zip or a registry model id, resolved by :func:`ScoreFusionLib.registry.resolve_model`, so an
+embedded model installs itself on first use), translates, writes ``output.npz`` (with the
+``uncertainty`` map when the job draws several samples) atomically and ends with ``result``
+``output.npz``. ``fetch`` installs a registry model (a download for a remote one, a copy for an
+embedded one; the job folder only holds the cancel file and is created if missing): stage
+``downloading``, byte ``progress`` (at most about ten events a second, always the last one), then
+``result`` with the installed folder's absolute path. ``import`` validates a bundle folder or .zip and
+copies it into the cache, ending the same way. All three report on stdout with the line protocol of
+:mod:`ScoreFusionLib.protocol`; stdout carries protocol lines only: Python warnings become ``warning``
+events, and anything else written to file descriptor 1 (C libraries, stray prints) goes to stderr.
 
 Cancel: the driver creates ``<job>/cancel``; ``run`` checks it after every diffusion step, ``fetch``
 after every chunk; the worker stops, emits ``error kind=cancelled`` and exits 130 without writing
-any output (an interrupted download keeps its ``.part`` file, so the next fetch resumes it).
+any output (an interrupted download keeps its ``.part`` file, so the next fetch resumes it, but
+nothing appears under the cache's models folder).
 
-Exit codes: 0 ok, 2 input or weights problem, 3 out of memory, 130 cancelled, 1 internal error.
+Exit codes: 0 ok; 2 input or weights problem (a bad job, an unknown or not downloaded model, a wrong
+checksum, an invalid bundle); 3 out of memory; 130 cancelled; 1 internal error.
 Test hook: ``SCOREFUSION_FAKE_OOM=1`` raises an out-of-memory error at the first step.
 
-``models`` prints one JSON object ``{"models": [...]}`` (:func:`ScoreFusionLib.registry.listing.list_models`);
-``probe`` prints one JSON object describing torch and the devices (or the import error).
+``models`` prints one JSON object ``{"models": [...]}``, the registry's models and the imported ones
+(:func:`ScoreFusionLib.registry.listing.list_models`); ``probe`` prints one JSON object describing
+torch and the devices (or the import error). Both exit 0, except ``models`` on a
+registry file it cannot read (exit 2, with ``error`` in the JSON).
 """
 
 from __future__ import annotations
@@ -230,28 +237,53 @@ def _report_failure(exc: Exception, report: Reporter) -> int:
     return protocol.EXIT_INTERNAL
 
 
-def _cancellable_progress(cancel_file: Path, report: Reporter, min_interval_s: float = 0.1) -> Any:
-    """A byte-progress callback: at most one event per ``min_interval_s`` (and the last), cancel between chunks."""
-    import time
+class _ByteProgress:
+    """The ``on_progress`` of a fetch: throttled byte events, cancel between chunks, and always a last event.
 
-    from ScoreFusionLib import protocol
+    A driver redraws on every event, so at most one per ``min_interval_s`` is sent (plus the final
+    one); the ETA comes from the average rate of this run (a resumed download starts from its offset).
+    """
 
-    last = [float("-inf")]
+    def __init__(self, cancel_file: Path, report: Reporter, min_interval_s: float = 0.1) -> None:
+        import time
 
-    def on_progress(done: int, total: int | None) -> None:
-        if cancel_file.exists():
+        self.cancel_file, self.report, self.min_interval_s = cancel_file, report, min_interval_s
+        self.clock = time.monotonic
+        self.start = self.clock()
+        self.first: int | None = None  # bytes done at the first call (what a resume started from)
+        self.last_time = float("-inf")
+        self.last_sent: tuple[int, int] | None = None
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self.cancel_file.exists():
             raise JobCancelled(f"cancelled after {done} bytes")
-        now = time.monotonic()
-        if done > 0 and (now - last[0] >= min_interval_s or done == total):
-            last[0] = now
-            report(protocol.progress(done, max(done, total or done)))
+        now = self.clock()
+        if self.first is None:
+            self.first = done
+        last = total is not None and done >= total
+        if done > 0 and (last or now - self.last_time >= self.min_interval_s):
+            self.last_time = now
+            self._send(done, max(done, total or done), now)  # an unknown total: the bytes so far
 
-    return on_progress
+    def finish(self, size: int) -> None:
+        """Send the final ``size/size`` event unless it went out already (nothing left to copy, say)."""
+        if size > 0 and self.last_sent != (size, size):
+            self._send(size, size, self.clock())
+
+    def _send(self, done: int, total: int, now: float) -> None:
+        from ScoreFusionLib import protocol
+
+        elapsed = now - self.start
+        moved = done - (self.first or 0)
+        eta = (total - done) * elapsed / moved if moved > 0 and elapsed > 0 else None
+        self.report(protocol.progress(done, total, elapsed_s=elapsed, eta_s=eta))
+        self.last_sent = (done, total)
 
 
 def fetch_model(spec: str, job_dir: str | os.PathLike, report: Reporter) -> int:
     """Install registry model ``spec`` (``id`` or ``id@version``) into the cache, with byte progress."""
     from ScoreFusionLib import protocol
+    from ScoreFusionLib.jobio import CANCEL_FILE
 
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -264,9 +296,10 @@ def fetch_model(spec: str, job_dir: str | os.PathLike, report: Reporter) -> int:
         if version and version != entry.version:
             raise RegistryError(f"the registry has version {entry.version} of {model_id!r}, not {version}")
         report(protocol.stage("downloading"))
-        path = install_model(entry, progress=False,
-                             on_progress=_cancellable_progress(job_dir / "cancel", report))
-        report(protocol.result(str(path)))
+        progress = _ByteProgress(job_dir / CANCEL_FILE, report)
+        path = install_model(entry, progress=False, on_progress=progress)
+        progress.finish(entry.size)
+        report(protocol.result(os.path.abspath(path)))
         return protocol.EXIT_OK
     except JobCancelled as exc:
         report(protocol.error("cancelled", str(exc), "The partial download is kept; fetching again resumes it."))
@@ -286,7 +319,7 @@ def import_model(path: str, job_dir: str | os.PathLike, report: Reporter) -> int
 
         report(protocol.stage("loading_weights"))
         installed = import_bundle(path)
-        report(protocol.result(str(installed)))
+        report(protocol.result(os.path.abspath(installed)))
         return protocol.EXIT_OK
     except Exception as exc:
         return _report_failure(exc, report)
@@ -354,21 +387,26 @@ def main(argv: list[str] | None = None, stream: IO[str] | None = None) -> int:
     fetch.add_argument("--job", required=True, help="a folder for the cancel file")
     imp = sub.add_parser("import", help="validate a bundle folder or .zip and copy it into the cache")
     imp.add_argument("--path", required=True, help="the bundle folder or .zip")
-    imp.add_argument("--job", required=True, help="a folder for the cancel file")
+    imp.add_argument("--job", required=True, help="a working folder (created if missing)")
     sub.add_parser("models", help="print the registry's and the imported models as JSON")
     sub.add_parser("probe", help="print torch and device information as JSON")
     args = parser.parse_args(argv)
     out = stream if stream is not None else sys.stdout
     if args.command in ("probe", "models"):
+        code = 0
         if args.command == "probe":
             payload = probe()
         else:
+            from ScoreFusionLib.errors import ScoreFusionError
             from ScoreFusionLib.registry.listing import list_models
 
-            payload = {"models": list_models()}
+            try:
+                payload = {"models": list_models()}
+            except ScoreFusionError as exc:  # a broken registry file: say why, as JSON like everything else
+                payload, code = {"models": [], "error": str(exc)}, 2
         out.write(json.dumps(payload) + "\n")
         out.flush()
-        return 0
+        return code
     if args.command == "fetch":
         return fetch_model(args.id, args.job, Reporter(out))
     if args.command == "import":

@@ -393,10 +393,12 @@ class ScoreFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Copy the presenter's view state onto the widgets; the only place the run area changes."""
         if self.presenter is None:
             return
+        from ScoreFusionLib.module_choices import required_inputs
+
         view = self.presenter.view_state()
-        ready = self.currentModel() is not None and all(
-            self._inputSelector(slot).currentNode() is not None
-            for slot in range(1, self.INPUT_SLOTS + 1) if self._inputSelector(slot).visible)
+        model = self.currentModel()
+        ready = model is not None and all(self._inputSelector(slot).currentNode() is not None
+                                          for slot in range(1, len(required_inputs(model)) + 1))
         self.ui.applyButton.text = _(view["apply_text"])
         self.ui.applyButton.enabled = view["apply_enabled"] and (ready or view["apply_text"] == "Cancel")
         for name in ("inputsCollapsibleButton", "methodCollapsibleButton", "outputsCollapsibleButton",
@@ -697,7 +699,22 @@ class ScoreFusionTest(ScriptedLoadableModuleTest):
     """The whole pipeline inside Slicer on the embedded demonstration models (CPU, a few steps)."""
 
     def setUp(self):
+        import tempfile
+
         slicer.mrmlScene.Clear()
+        if not hasattr(self, "_cacheDir"):  # a private model cache: the self-test never touches the user's
+            self._cacheDir = tempfile.TemporaryDirectory(prefix="ScoreFusionTest-")
+            self._previousHome = os.environ.get("SCOREFUSION_HOME")
+            os.environ["SCOREFUSION_HOME"] = self._cacheDir.name
+
+    def tearDown(self):
+        if hasattr(self, "_cacheDir"):
+            if self._previousHome is None:
+                os.environ.pop("SCOREFUSION_HOME", None)
+            else:
+                os.environ["SCOREFUSION_HOME"] = self._previousHome
+            self._cacheDir.cleanup()
+            del self._cacheDir
 
     def runTest(self):
         self.setUp()
@@ -712,6 +729,7 @@ class ScoreFusionTest(ScriptedLoadableModuleTest):
         self.test_Synthesis()
         self.setUp()
         self.test_Cancel()
+        self.tearDown()
 
     def _volume(self, shape_kji, spacing, name):
         import numpy as np
@@ -753,18 +771,18 @@ class ScoreFusionTest(ScriptedLoadableModuleTest):
         import numpy as np
 
         self.delayDisplay("T1 -> FLAIR synthesis with two samples (uncertainty)")
-        node, before, matrix = self._volume((36, 44, 36), 2.0, "t1")
+        node, before, matrix = self._volume((72, 88, 72), 2.0, "t1")
         logic = ScoreFusionLogic()
         handle = logic.process({"t1n": node}, modelId="t1-to-flair", steps=2, samples=2, device="cpu")
         self.assertEqual(handle.state, "done", handle.error)
-        self.assertEqual(handle.output_node.GetImageData().GetDimensions(), (36, 44, 36))
+        self.assertEqual(handle.output_node.GetImageData().GetDimensions(), (72, 88, 72))
         self.assertIsNotNone(handle.uncertainty_node)
         np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before)
         self.delayDisplay("Synthesis passed")
 
     def test_Cancel(self):
         self.delayDisplay("A cancelled run adds nothing to the scene")
-        node = self._volume((36, 44, 36), 2.0, "t1")[0]
+        node = self._volume((72, 88, 72), 2.0, "t1")[0]
         logic = ScoreFusionLogic()
         volumesBefore = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
         events = []

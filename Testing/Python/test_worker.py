@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_worker_models import entry, installed_folders, registry_file, worker
 
 from bundle_fixtures import blob
 from ScoreFusionLib import protocol
@@ -26,6 +29,7 @@ from ScoreFusionLib.jobio import (
     JobSettings,
     read_job,
     read_output,
+    read_uncertainty,
     write_job,
     write_output,
 )
@@ -130,6 +134,36 @@ def test_output_round_trip_keeps_its_own_matrix(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([OUTPUT_FILE, OUTPUT_JSON])  # no temporaries
 
 
+def test_uncertainty_is_written_on_the_output_grid_or_not_at_all(tmp_path):
+    out_affine = np.diag([0.5, 0.5, 0.5, 1.0])
+    mean, std = _vol((8, 8, 8), seed=1, affine=out_affine), _vol((8, 8, 8), seed=2, affine=out_affine)
+    with pytest.raises(InputError, match="on the output's grid"):
+        write_output(tmp_path, mean, uncertainty=_vol((8, 8, 8), affine=np.eye(4)))
+    with pytest.raises(InputError, match="on the output's grid"):
+        write_output(tmp_path, mean, uncertainty=_vol((8, 8, 7), affine=out_affine))
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+    write_output(tmp_path, mean)
+    assert read_uncertainty(tmp_path) is None  # a one-sample run
+    write_output(tmp_path, mean, uncertainty=std)
+    got = read_uncertainty(tmp_path)
+    np.testing.assert_array_equal(got.array, std.array)
+    np.testing.assert_array_equal(got.affine, out_affine)
+    np.testing.assert_array_equal(read_output(tmp_path)[0].array, mean.array)
+    assert json.loads((tmp_path / OUTPUT_JSON).read_text())["uncertainty"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([OUTPUT_FILE, OUTPUT_JSON])
+
+
+@pytest.mark.parametrize("uncertainty, message", [
+    (np.ones((8, 8, 7), np.float32), "shape differs"),
+    (np.full((8, 8, 8), np.inf, np.float32), "uncertainty"),
+])
+def test_a_damaged_uncertainty_map_is_an_input_error(tmp_path, uncertainty, message):
+    np.savez(tmp_path / OUTPUT_FILE, array=np.ones((8, 8, 8), np.float32), ijk_to_ras=np.eye(4),
+             uncertainty=uncertainty)
+    with pytest.raises(InputError, match=message):
+        read_uncertainty(tmp_path)
+
+
 def _write_raw(folder, arrays, settings):
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / INPUT_FILE, **arrays)
@@ -195,8 +229,11 @@ def sr_job(folder, bundle, steps=3, lr=None, **extra):
 
 
 def worker_env(**extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "-1"}
-    env.pop("SCOREFUSION_FAKE_OOM", None)
+    """The test's environment for a worker: one thread, no GPU, no proxy, no registry override."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "-1", "NO_PROXY": "127.0.0.1,localhost"}
+    for name in ("SCOREFUSION_FAKE_OOM", "SCOREFUSION_REGISTRY", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                 "http_proxy", "https_proxy", "all_proxy"):
+        env.pop(name, None)
     env.update(extra)
     return env
 
@@ -209,6 +246,23 @@ def run_worker(job, *args, env=None, module=False):
                           cwd=REPO if module else job)
     events = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout is pure protocol
     return proc, events
+
+
+def stream_worker(args, env, on_event, timeout=60):
+    """Run the worker, calling ``on_event`` on each event as it arrives; (exit code, events)."""
+    proc = subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    events = []
+    try:
+        for line in proc.stdout:
+            events.append(protocol.parse_line(line))
+            on_event(events[-1])
+        return proc.wait(timeout=timeout), events
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def names(events):
@@ -261,21 +315,11 @@ def test_worker_synthesis_keeps_the_input_matrix(tmp_path, mt_bundle):
 def test_worker_cancels_within_one_step(tmp_path, sr_bundle):
     job = tmp_path / "job"
     sr_job(job, sr_bundle, steps=20)
-    proc = subprocess.Popen([sys.executable, str(WORKER), "run", "--job", str(job), "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env())
-    events = []
-    try:
-        for line in proc.stdout:
-            event = protocol.parse_line(line)
-            events.append(event)
-            if event["event"] == "progress" and not (job / CANCEL_FILE).exists():
-                (job / CANCEL_FILE).touch()
-        code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
-        proc.stderr.close()
+    def cancel_at_first_progress(event):
+        if event["event"] == "progress" and not (job / CANCEL_FILE).exists():
+            (job / CANCEL_FILE).touch()
+
+    code, events = stream_worker(["run", "--job", job, "--device", "cpu"], worker_env(), cancel_at_first_progress)
     assert code == protocol.EXIT_CANCELLED
     assert events[-1]["event"] == "error" and events[-1]["kind"] == "cancelled"
     steps = [e["step"] for e in events if e["event"] == "progress"]
@@ -364,3 +408,156 @@ def test_warnings_become_warning_events_in_process(tmp_path, sr_bundle):
     warns = [e for e in events if e["event"] == "warning"]
     assert warns and "oblique" in warns[0]["msg"]
     assert events[-1]["event"] == "result"
+
+
+# -- models named by id, fetch and import ------------------------------------------------------
+@pytest.fixture
+def env(tmp_path):
+    """A worker environment with a private, empty cache (the shipped registry unless a test sets one)."""
+    return worker_env(SCOREFUSION_HOME=str(tmp_path / "home"))
+
+
+@pytest.fixture(scope="module")
+def sr_zip(sr_bundle, tmp_path_factory):
+    """The SR test bundle packed as a release archive (three tiny planes: several download chunks)."""
+    from ScoreFusionLib.bundle_archive import pack_bundle
+
+    out = tmp_path_factory.mktemp("zip") / "tiny-sr.zip"
+    pack_bundle(sr_bundle, out)
+    return out
+
+
+def test_a_job_may_name_a_bundle_zip_and_its_manifest_sha256_is_checked(tmp_path, env, sr_zip):
+    """The .zip is unpacked into the cache once; bundle_sha256 is checked on that unpacked folder."""
+    import zipfile
+
+    with zipfile.ZipFile(sr_zip) as z:
+        manifest_sha = hashlib.sha256(z.read("manifest.json")).hexdigest()
+    job = tmp_path / "good"
+    sr_job(job, sr_zip, steps=2, bundle_sha256=manifest_sha)
+    proc, events = run_worker(job, env=env)
+    assert proc.returncode == protocol.EXIT_OK, proc.stderr
+    assert read_output(job)[0].array.shape == (16, 16, 16)
+    unpacked = sorted((Path(env["SCOREFUSION_HOME"]) / "archives").iterdir())
+    assert [p.name for p in unpacked] == [sha256_file(sr_zip)] and (unpacked[0] / "manifest.json").is_file()
+    job = tmp_path / "swapped"
+    sr_job(job, sr_zip, steps=2, bundle_sha256="0" * 64)
+    proc, events = run_worker(job, env=env)
+    assert proc.returncode == protocol.EXIT_INPUT
+    assert events[-1]["kind"] == "weights" and manifest_sha in events[-1]["msg"]
+    assert no_output(job)
+
+
+def test_a_job_naming_a_remote_model_that_is_not_installed_asks_for_the_download(tmp_path, env, sr_zip):
+    env["SCOREFUSION_REGISTRY"] = str(registry_file(tmp_path, [
+        entry("far-sr", "http://127.0.0.1:9/far-sr.zip", sr_zip.read_bytes())]))  # never contacted
+    job = tmp_path / "job"
+    sr_job(job, "far-sr@1.0.0", steps=2)
+    proc, events = run_worker(job, env=env)
+    assert proc.returncode == protocol.EXIT_INPUT
+    assert events[-1]["kind"] == "weights" and "not installed; download it first" in events[-1]["msg"]
+    assert "progress" not in names(events) and no_output(job)
+    assert installed_folders(env) == []
+
+
+def test_byte_progress_is_throttled_cancellable_and_ends_at_the_total(tmp_path):
+    from ScoreFusionLib.worker import JobCancelled, _ByteProgress
+
+    events = []
+    total = 50_000
+    progress = _ByteProgress(tmp_path / CANCEL_FILE, events.append)
+    start = time.monotonic()
+    for done in range(10, total + 1, 10):  # 5000 chunks, as fast as they come
+        progress(done, total)
+    elapsed = time.monotonic() - start
+    steps = [e["step"] for e in events]
+    assert 2 <= len(steps) <= 2 + elapsed / 0.1  # the first, at most one per 0.1 s, and the last
+    assert steps == sorted(set(steps)) and steps[-1] == events[-1]["total"] == total
+    assert events[-1]["eta_s"] == 0.0
+    progress.finish(total)
+    assert len(events) == len(steps)  # the final event went out already: no duplicate
+    unknown_total = []
+    progress_without_total = _ByteProgress(tmp_path / CANCEL_FILE, unknown_total.append)
+    for done in range(10, total + 1, 10):
+        progress_without_total(done, None)
+    assert 1 <= len(unknown_total) <= 2 + (time.monotonic() - start) / 0.1  # throttled as well
+    assert all(e["step"] == e["total"] for e in unknown_total)
+    nothing_to_copy = _ByteProgress(tmp_path / CANCEL_FILE, events.append)
+    nothing_to_copy.finish(1234)  # e.g. a complete .part from an earlier run: still one final event
+    assert events[-1]["step"] == events[-1]["total"] == 1234
+    (tmp_path / CANCEL_FILE).touch()
+    with pytest.raises(JobCancelled, match="after 20 bytes"):
+        progress(20, total)
+
+
+def test_fetch_cancelled_mid_transfer_keeps_the_part_and_the_next_fetch_resumes(tmp_path, env, server, sr_zip):
+    data = sr_zip.read_bytes()
+    server.files["/tiny.zip"] = data
+    server.faults["/tiny.zip"] = [("stall-body", 1.5)]  # 1000 bytes, a pause, then the rest
+    env["SCOREFUSION_REGISTRY"] = str(registry_file(tmp_path, [entry("tiny-sr", server.url("/tiny.zip"), data)]))
+    job = tmp_path / "fetch"  # created by the worker
+    def cancel_once_transferring(event):
+        if event == {"event": "stage", "name": "downloading"}:
+            while not server.log:  # the transfer has started
+                time.sleep(0.01)
+            (job / CANCEL_FILE).touch()
+
+    code, events = stream_worker(["fetch", "--id", "tiny-sr", "--job", job], env, cancel_once_transferring)
+    assert code == protocol.EXIT_CANCELLED
+    assert events[-1]["event"] == "error" and events[-1]["kind"] == "cancelled" and events[-1]["hint"]
+    assert "result" not in names(events) and installed_folders(env) == []
+    parts = list(Path(env["SCOREFUSION_HOME"]).rglob("*.part"))
+    assert len(parts) == 1
+    kept = parts[0].stat().st_size
+    assert 1000 <= kept < len(data)
+    (job / CANCEL_FILE).unlink()
+    proc, events = worker("fetch", "--id", "tiny-sr", "--job", job, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert server.log[-1]["headers"]["Range"] == f"bytes={kept}-"
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress[0]["step"] > kept and progress[-1]["step"] == progress[-1]["total"] == len(data)
+    assert events[-1] == {"event": "result", "path": str(installed_folders(env)[0])}
+    assert not list(Path(env["SCOREFUSION_HOME"]).rglob("*.part"))
+
+
+def test_fetch_copies_a_shipped_embedded_model_and_models_marks_it_installed(env):
+    """The shipped registry (Resources/models.json), an empty cache, no network: the smallest embedded model."""
+    from ScoreFusionLib.registry import load_registry
+
+    shipped = {e.id: e for e in load_registry()}
+    model = min((e for e in shipped.values() if e.embedded), key=lambda e: e.size)
+    before = {m["id"]: m for m in json.loads(worker("models", env=env)[0].stdout)["models"]}
+    assert set(before) == set(shipped)
+    assert all(m["embedded"] and not m["installed"] and m["installed_path"] is None for m in before.values())
+    proc, events = worker("fetch", "--id", f"{model.id}@{model.version}", "--job", Path(env["SCOREFUSION_HOME"]).parent
+                          / "fetch", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert names(events)[:2] == ["hello", "stage"] and events[1]["name"] == "downloading"
+    progress = [e for e in events if e["event"] == "progress"]
+    steps = [e["step"] for e in progress]
+    assert steps == sorted(set(steps)) and steps[-1] == progress[-1]["total"] == model.size
+    assert all(e["total"] == model.size for e in progress)
+    final = Path(env["SCOREFUSION_HOME"]) / "models" / model.id / model.version
+    assert events[-1] == {"event": "result", "path": str(final)} and (final / "manifest.json").is_file()
+    after = {m["id"]: m for m in json.loads(worker("models", env=env)[0].stdout)["models"]}
+    assert after[model.id]["installed"] is True and after[model.id]["installed_path"] == str(final)
+    assert [i for i, m in after.items() if m["installed"]] == [model.id]
+
+
+def test_import_of_a_tampered_bundle_folder_is_refused_with_the_reason(tmp_path, env, sr_bundle):
+    import shutil
+
+    env["SCOREFUSION_REGISTRY"] = str(registry_file(tmp_path, []))
+    folder = tmp_path / "tampered"
+    shutil.copytree(sr_bundle, folder)
+    weights = sorted(folder.glob("*.safetensors"))[0]
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF  # a flipped bit in the tensor data: the header still reads, the sha256 does not match
+    weights.write_bytes(bytes(raw))
+    proc, events = worker("import", "--path", folder, "--job", tmp_path / "imp", env=env)
+    assert proc.returncode == protocol.EXIT_INPUT
+    assert names(events) == ["hello", "stage", "error"]
+    assert events[-1]["kind"] == "weights" and f"weight file {weights.name}" in events[-1]["msg"]
+    assert "corrupted or was replaced" in events[-1]["msg"]
+    models = Path(env["SCOREFUSION_HOME"]) / "models"
+    assert not models.exists() or list(models.rglob("*")) == []  # no staging folder left behind

@@ -232,3 +232,12 @@ def test_models_lists_the_shipped_registry_with_cards(env):
     flair = models["t1-to-flair"]
     assert flair["embedded"] and not flair["remote"] and not flair["installed"]
     assert flair["inputs"] == ["t1n"] and flair["target"] == "t2f" and flair["card"].startswith("#")
+
+
+def test_models_on_a_broken_registry_says_why_as_json(tmp_path, env):
+    broken = tmp_path / "models.json"
+    broken.write_text('{"format": "scorefusion-registry", "format_version": 1, "models": [{"id": "x"}]}')
+    env["SCOREFUSION_REGISTRY"] = str(broken)
+    proc, _ = worker("models", env=env)
+    reply = json.loads(proc.stdout)
+    assert proc.returncode == 2 and reply["models"] == [] and "not a valid model registry" in reply["error"]
