@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None, stream: IO[str] | None = None) -> int:
     run.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: job.json's)")
     fetch = sub.add_parser("fetch", help="install a registry model (download or embedded copy)")
     fetch.add_argument("--id", required=True, help="model id, optionally id@version")
-    fetch.add_argument("--job", required=True, help="a folder for the cancel file")
+    fetch.add_argument("--job", required=True, help="a folder for the cancel file (created if missing)")
     imp = sub.add_parser("import", help="validate a bundle folder or .zip and copy it into the cache")
     imp.add_argument("--path", required=True, help="the bundle folder or .zip")
     imp.add_argument("--job", required=True, help="a working folder (created if missing)")

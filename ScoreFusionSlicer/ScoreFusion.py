@@ -454,14 +454,16 @@ class ScoreFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         inputs = {contrast: self._inputSelector(slot).currentNode()
                   for slot, contrast in enumerate(required_inputs(model), start=1)}
-        sampling = preset_sampling(p.preset, model.get("sampling"))
+        settings = {
+            "task": job_task(model), "bundle": f"{model['id']}@{model['version']}", "method": p.method,
+            **preset_sampling(p.preset, model.get("sampling")), "seed": p.seed, "samples": p.samples,
+            "device": p.device, "slice_batch": p.sliceBatch, "tile_size": p.tileSize or None,
+            "max_memory_gb": p.memoryLimitGB or None,
+        }
         first = next(iter(inputs.values()))
         return RunRequest(
-            task=job_task(model), model=f"{model['id']}@{model['version']}", inputs=inputs,
-            output_node=p.outputVolume, output_name=output_name(first.GetName() if first else "", model),
-            method=p.method, sampler=sampling["sampler"], steps=sampling["steps"], time_grid=sampling["time_grid"],
-            seed=p.seed, samples=p.samples, device=p.device, slice_batch=p.sliceBatch,
-            tile_size=p.tileSize or None, max_memory_gb=p.memoryLimitGB or None, keep_job_files=p.keepJobFiles,
+            inputs=inputs, settings=settings, output_node=p.outputVolume,
+            output_name=output_name(first.GetName() if first else "", model), keep_job_files=p.keepJobFiles,
             show_uncertainty=p.showUncertainty, show_side_by_side=p.sideBySide,
         )
 
@@ -638,8 +640,8 @@ class ScoreFusionLogic(ScriptedLoadableModuleLogic):
                 eventCallback=None, finishedCallback=None, **settings):
         """Run ``modelId`` on ``inputNodes`` (contrast -> volume node); returns the job handle.
 
-        ``settings`` are :class:`ScoreFusionSlicerLib.logic.RunRequest` fields (steps, seed, samples, ...).
-        The model's registry sampling settings are the defaults.
+        ``settings`` are job settings (``steps``, ``seed``, ``samples``, ``method``, ...; see
+        ``ScoreFusionLib.jobio.JobSettings``); the model's registry sampling settings are the defaults.
         """
         from ScoreFusionLib.module_choices import job_task, output_name, preset_sampling
         from ScoreFusionLib.registry.listing import list_models
@@ -649,11 +651,11 @@ class ScoreFusionLogic(ScriptedLoadableModuleLogic):
         model = next((m for m in list_models() if m["id"] == model_id), None)
         if model is None:
             raise ValueError(f"unknown model {modelId!r}")
-        sampling = {**preset_sampling("default", model.get("sampling")), **settings}
+        jobSettings = {"task": job_task(model), "bundle": modelId, "device": device,
+                       **preset_sampling("default", model.get("sampling")), **settings}
         first = next(iter(inputNodes.values()))
-        sampling.setdefault("output_name", output_name(first.GetName(), model))
-        request = RunRequest(task=job_task(model), model=modelId, inputs=dict(inputNodes), output_node=outputNode,
-                             device=device, **sampling)
+        request = RunRequest(inputs=dict(inputNodes), settings=jobSettings, output_node=outputNode,
+                             output_name=output_name(first.GetName(), model))
         return self.processRequest(request, waitForCompletion, eventCallback, finishedCallback)
 
     def processRequest(self, request, waitForCompletion=True, eventCallback=None, finishedCallback=None):

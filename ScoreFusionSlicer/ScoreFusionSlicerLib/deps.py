@@ -70,14 +70,6 @@ def missing_requirements(requirements: list[str],
     return [req for req in requirements if not _satisfied(req, version_of)]
 
 
-def torch_version(version_of: Callable[[str], str] = importlib.metadata.version) -> str | None:
-    """torch's installed version, read from its metadata so that torch is not imported into Slicer."""
-    try:
-        return version_of("torch")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def torch_satisfied(version_of: Callable[[str], str] = importlib.metadata.version) -> bool:
     """Whether torch >= :data:`TORCH_MINIMUM` is installed."""
     return _satisfied(f"torch>={TORCH_MINIMUM}", version_of)

@@ -37,40 +37,33 @@ CANCELLED = "cancelled"
 
 @dataclass
 class RunRequest:
-    """One run: the model, its inputs (contrast -> volume node, in the model's order) and sampling settings.
+    """One run: its inputs (contrast -> volume node, in the model's order), the job settings and where the result goes.
 
-    ``task`` is ``super_resolve`` or ``synthesize``. ``model`` is a registry id (``id`` or
-    ``id@version``), a bundle folder or a bundle ``.zip``. ``output_node`` None creates a new node.
+    ``settings`` are the ``job.json`` fields of :class:`ScoreFusionLib.jobio.JobSettings` except
+    ``contrasts`` (the keys of ``inputs``): at least ``task`` and ``bundle`` (a registry id ``id`` or
+    ``id@version``, a bundle folder or a bundle ``.zip``), plus any sampling settings. They are
+    validated there, before anything starts. ``output_node`` None creates a new node.
     """
 
-    task: str
-    model: str
     inputs: Mapping[str, Any]
+    settings: Mapping[str, Any]
     output_node: Any = None
     output_name: str | None = None
-    method: str = "auto"
-    sampler: str = "ddpm"
-    steps: int = 20
-    time_grid: str = "logsnr"
-    seed: int = 0
-    samples: int = 1
-    device: str = "auto"
-    slice_batch: int = 8
-    tile_size: int | None = None
-    max_memory_gb: float | None = None
     keep_job_files: bool = False
     show_uncertainty: bool = True
     show_side_by_side: bool = True
-    model_sha256: str | None = None
 
     def job_settings(self) -> dict:
-        """The ``job.json`` settings (see :mod:`ScoreFusionLib.jobio`)."""
-        return {
-            "task": self.task, "contrasts": list(self.inputs), "bundle": self.model, "method": self.method,
-            "sampler": self.sampler, "steps": int(self.steps), "time_grid": self.time_grid, "seed": int(self.seed),
-            "device": self.device, "slice_batch": int(self.slice_batch), "samples": int(self.samples),
-            "tile_size": self.tile_size, "max_memory_gb": self.max_memory_gb,
-        }
+        """The whole ``job.json`` settings."""
+        return {**self.settings, "contrasts": list(self.inputs)}
+
+    @property
+    def task(self) -> str:
+        return str(self.settings["task"])
+
+    @property
+    def device(self) -> str:
+        return str(self.settings.get("device", "auto"))
 
 
 @dataclass
@@ -103,7 +96,7 @@ class JobHandle:
 def _provenance_attributes(provenance: Mapping[str, Any], request: RunRequest) -> dict[str, str]:
     """Node attributes saved with the scene, so a result can always be traced to its model and settings."""
     attrs = {
-        "ScoreFusion.modelId": request.model,
+        "ScoreFusion.modelId": request.settings.get("bundle"),
         "ScoreFusion.modelSha256": provenance.get("manifest_sha256"),
         "ScoreFusion.method": provenance.get("method"),
         "ScoreFusion.sampler": provenance.get("sampler"),

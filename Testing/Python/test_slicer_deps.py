@@ -45,7 +45,6 @@ def test_torch_minimum_is_read_from_metadata_without_importing_torch():
     assert deps.torch_satisfied(versions(torch="2.13.0+cpu"))
     assert not deps.torch_satisfied(versions(torch="2.1.2"))
     assert not deps.torch_satisfied(versions())
-    assert deps.torch_version(versions()) is None
 
 
 def test_read_requirements_skips_comments(tmp_path):

@@ -23,10 +23,8 @@ else:
 import slicer  # noqa: E402
 import vtk  # noqa: E402
 
-from bundle_fixtures import blob, make_random_bundle  # noqa: E402
+from bundle_fixtures import blob  # noqa: E402
 from ScoreFusionLib.bundle import sha256_file  # noqa: E402
-from ScoreFusionLib.data.task import TaskSpec  # noqa: E402
-from ScoreFusionLib.degradation import AveragePool  # noqa: E402
 from ScoreFusionLib.geometry import super_resolution_affine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,18 +35,6 @@ from ScoreFusionSlicerLib.logic import CANCELLED, DONE, FAILED, ProcessingLogic,
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "-1"}
 ENV.pop("SCOREFUSION_FAKE_OOM", None)
-
-
-@pytest.fixture(scope="module")
-def sr_bundle(tmp_path_factory):
-    spec = TaskSpec(kind="sr", inputs=[], target="t1n", degradation=AveragePool(2))
-    return make_random_bundle(tmp_path_factory.mktemp("sr") / "bundle", spec)
-
-
-@pytest.fixture(scope="module")
-def mt_bundle(tmp_path_factory):
-    spec = TaskSpec(kind="mt", inputs=["t1n"], target="t2f")
-    return make_random_bundle(tmp_path_factory.mktemp("mt") / "bundle", spec)
 
 
 @pytest.fixture
@@ -100,10 +86,21 @@ def volume_count(scene):
     return scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
 
 
-def request(bundle, inputs, **kwargs):
-    task = kwargs.pop("task", "super_resolve")
-    settings = {"sampler": "ddim", "steps": 2, "time_grid": "default", "device": "cpu", **kwargs}
-    return RunRequest(task=task, model=str(bundle), inputs=inputs, **settings)
+def request(bundle, inputs, task="super_resolve", output_node=None, output_name=None, keep_job_files=False,
+            **settings):
+    settings = {"task": task, "bundle": str(bundle), "sampler": "ddim", "steps": 2, "time_grid": "default",
+                "device": "cpu", **settings}
+    return RunRequest(inputs=inputs, settings=settings, output_node=output_node, output_name=output_name,
+                      keep_job_files=keep_job_files)
+
+
+def same_grid_contrast(scene, node, seed=1, name="t2"):
+    """A second contrast on ``node``'s grid, under the same parent transform (as a co-registered series)."""
+    shape = slicer.util.arrayFromVolume(node).shape
+    other = slicer.util.addVolumeFromArray(blob(shape, np.random.default_rng(seed)), ijkToRAS=matrix_of(node),
+                                           name=name)
+    other.SetAndObserveTransformNodeID(node.GetTransformNodeID())
+    return other
 
 
 def test_super_resolution_lands_on_the_new_grid_beside_the_untouched_input(scene, logic, sr_bundle):
@@ -137,7 +134,8 @@ def test_super_resolution_lands_on_the_new_grid_beside_the_untouched_input(scene
 
 def test_synthesis_with_samples_adds_an_uncertainty_map_on_the_input_grid(scene, logic, mt_bundle):
     node, _ = study_volume(scene, shape=(8, 10, 8), matrix=oblique_matrix((2.0, 2.0, 2.0)))
-    handle = logic.process(request(mt_bundle, {"t1n": node}, task="synthesize", samples=2, seed=3))
+    t2 = same_grid_contrast(scene, node)
+    handle = logic.process(request(mt_bundle, {"t1n": node, "t2w": t2}, task="synthesize", samples=2, seed=3))
     assert handle.state == DONE, handle.error
     out, unc = handle.output_node, handle.uncertainty_node
     assert unc is not None and unc.GetAttribute("ScoreFusion.role") == "uncertainty"
@@ -188,13 +186,14 @@ def test_failed_run_reports_the_workers_error_and_adds_nothing(scene, logic, tmp
 
 def test_a_failing_import_is_rolled_back(scene, tmp_path, mt_bundle):
     node, _ = study_volume(scene, matrix=oblique_matrix((2.0, 2.0, 2.0)))
+    t2 = same_grid_contrast(scene, node)
     before = volume_count(scene)
 
     def broken_layout(*nodes):
         raise RuntimeError("no layout manager")
 
     lg = ProcessingLogic(sys.executable, str(REPO), job_root=str(tmp_path), show_results=broken_layout, env=ENV)
-    handle = lg.process(request(mt_bundle, {"t1n": node}, task="synthesize", samples=2))
+    handle = lg.process(request(mt_bundle, {"t1n": node, "t2w": t2}, task="synthesize", samples=2))
     assert handle.state == FAILED and "no layout manager" in handle.error
     assert volume_count(scene) == before  # neither the output nor the uncertainty map stayed
 
@@ -207,6 +206,8 @@ def test_bad_requests_are_refused_before_anything_starts(scene, logic, mt_bundle
         logic.process(request(mt_bundle, {"t1n": t1, "t2w": other_grid}, task="synthesize"))
     with pytest.raises(ValueError, match="cannot be one of the inputs"):
         logic.process(request(sr_bundle, {"t1n": t1}, output_node=t1))
+    with pytest.raises(ValueError, match="'samples' must be a whole number"):  # settings checked by JobSettings
+        logic.process(request(sr_bundle, {"t1n": t1}, samples=0))
     with pytest.raises(ValueError, match="missing: t1n"):
         logic.process(request(sr_bundle, {"t1n": None}))
     nan = slicer.util.addVolumeFromArray(np.full((8, 8, 8), np.nan, np.float32), name="nan")

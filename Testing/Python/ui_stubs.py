@@ -15,6 +15,20 @@ from PySide6.QtCore import Property, QFlag, Signal, Slot
 from PySide6.QtWidgets import QComboBox, QGroupBox, QLineEdit, QTextBrowser, QWidget
 
 
+def _stored(name: str, kind, convert=None, then=None) -> Property:
+    """A Qt property kept in ``self._<name>``; ``then(self)`` runs after every change."""
+
+    def get(self):
+        return getattr(self, f"_{name}")
+
+    def set(self, value):
+        setattr(self, f"_{name}", convert(value) if convert else value)
+        if then is not None:
+            then(self)
+
+    return Property(kind, get, set)
+
+
 class qMRMLWidget(QWidget):
     """The module panel's root; Slicer emits ``mrmlSceneChanged`` when the panel gets its scene."""
 
@@ -34,14 +48,8 @@ class ctkCollapsibleButton(QGroupBox):
     def _setText(self, text):
         self.setTitle(text)
 
-    def _isCollapsed(self):
-        return self._collapsed
-
-    def _setCollapsed(self, collapsed):
-        self._collapsed = collapsed
-
     text = Property(str, _text, _setText)
-    collapsed = Property(bool, _isCollapsed, _setCollapsed)
+    collapsed = _stored("collapsed", bool)
 
 
 class qMRMLNodeComboBox(QComboBox):
@@ -74,64 +82,14 @@ class qMRMLNodeComboBox(QComboBox):
     def setMRMLScene(self, scene):
         self.mrmlScene = scene
 
-    def _getNodeTypes(self):
-        return self._nodeTypes
-
-    def _setNodeTypes(self, types):
-        self._nodeTypes = list(types)
-
-    def _getShowChildNodeTypes(self):
-        return self._showChildNodeTypes
-
-    def _setShowChildNodeTypes(self, show):
-        self._showChildNodeTypes = show
-
-    def _getNoneEnabled(self):
-        return self._noneEnabled
-
-    def _setNoneEnabled(self, enabled):
-        self._noneEnabled = enabled
-        self._syncNoneItem()
-
-    def _getAddEnabled(self):
-        return self._addEnabled
-
-    def _setAddEnabled(self, enabled):
-        self._addEnabled = enabled
-
-    def _getRemoveEnabled(self):
-        return self._removeEnabled
-
-    def _setRemoveEnabled(self, enabled):
-        self._removeEnabled = enabled
-
-    def _getRenameEnabled(self):
-        return self._renameEnabled
-
-    def _setRenameEnabled(self, enabled):
-        self._renameEnabled = enabled
-
-    def _getNoneDisplay(self):
-        return self._noneDisplay
-
-    def _setNoneDisplay(self, text):
-        self._noneDisplay = text
-        self._syncNoneItem()
-
-    def _getBaseName(self):
-        return self._baseName
-
-    def _setBaseName(self, name):
-        self._baseName = name
-
-    nodeTypes = Property("QStringList", _getNodeTypes, _setNodeTypes)
-    showChildNodeTypes = Property(bool, _getShowChildNodeTypes, _setShowChildNodeTypes)
-    noneEnabled = Property(bool, _getNoneEnabled, _setNoneEnabled)
-    addEnabled = Property(bool, _getAddEnabled, _setAddEnabled)
-    removeEnabled = Property(bool, _getRemoveEnabled, _setRemoveEnabled)
-    renameEnabled = Property(bool, _getRenameEnabled, _setRenameEnabled)
-    noneDisplay = Property(str, _getNoneDisplay, _setNoneDisplay)
-    baseName = Property(str, _getBaseName, _setBaseName)
+    nodeTypes = _stored("nodeTypes", "QStringList", convert=list)
+    showChildNodeTypes = _stored("showChildNodeTypes", bool)
+    noneEnabled = _stored("noneEnabled", bool, then=_syncNoneItem)
+    addEnabled = _stored("addEnabled", bool)
+    removeEnabled = _stored("removeEnabled", bool)
+    renameEnabled = _stored("renameEnabled", bool)
+    noneDisplay = _stored("noneDisplay", str, then=_syncNoneItem)
+    baseName = _stored("baseName", str)
 
 
 class ctkFittedTextBrowser(QTextBrowser):
@@ -163,13 +121,7 @@ with warnings.catch_warnings():
             F = self.Filter  # CTK's default: all entries, readable, without . and ..
             self._filters = F.Dirs | F.Files | F.Drives | F.NoDotAndDotDot | F.Readable
 
-        def _getFilters(self):
-            return self._filters
-
-        def _setFilters(self, filters):
-            self._filters = filters
-
-        filters = Property("ctkPathLineEdit::Filter", _getFilters, _setFilters)
+        filters = _stored("filters", "ctkPathLineEdit::Filter")
 
 
 SLICER_STUBS = (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox, ctkFittedTextBrowser, ctkPathLineEdit)
