@@ -125,13 +125,13 @@ def inspect_bundle(bundle_dir: str | os.PathLike) -> BundleReport:
 
     files: list[WeightFile] = []
     for plane, entry in manifest.planes.items():
-        expected = _expected_tensors("plane", json.dumps(entry.config, sort_keys=True), f"{plane} config")
-        files.append(_check_weight_file(root, plane, entry.file, entry.sha256, expected))
+        expected = expected_tensors("plane", json.dumps(entry.config, sort_keys=True), f"{plane} config")
+        files.append(check_weight_file(root, plane, entry.file, entry.sha256, expected))
     if manifest.fuser:
         fuser = manifest.fuser
         _check_fuser_planes(manifest, source)
-        expected = _expected_tensors("fuser", json.dumps(fuser["config"], sort_keys=True), "fuser config")
-        files.append(_check_weight_file(root, "fuser", fuser["file"], fuser["sha256"], expected))
+        expected = expected_tensors("fuser", json.dumps(fuser["config"], sort_keys=True), "fuser config")
+        files.append(check_weight_file(root, "fuser", fuser["file"], fuser["sha256"], expected))
         if fuser["plane_weights"] == "raw":
             for wf in files:
                 if wf.role != "fuser" and "raw" not in wf.weight_sets:
@@ -263,8 +263,11 @@ def _check_fuser_planes(manifest: Manifest, source: str) -> None:
                           "plane models")
 
 
-def _expected_tensors(kind: str, config_json: str, what: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Names, shapes and safetensors dtypes of the state dict of the network a config describes."""
+def expected_tensors(kind: str, config_json: str, what: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Names, shapes and safetensors dtypes of the state dict of the network a config describes.
+
+    ``kind`` is ``plane``, ``fuser`` or ``segmenter``; ``config_json`` the configuration as sorted JSON.
+    """
     try:
         return _state_layout(kind, config_json)
     except (ScoreFusionError, TypeError, ValueError) as exc:
@@ -281,6 +284,10 @@ def _state_layout(kind: str, config_json: str) -> dict[str, tuple[tuple[int, ...
         from .nets.unet2d import UNet2D
 
         config, net_class = UNet2DConfig.from_dict(json.loads(config_json)), UNet2D
+    elif kind == "segmenter":
+        from .segmentation.network import SegmenterNetwork, build_segresnet
+
+        config, net_class = SegmenterNetwork.from_dict(json.loads(config_json)), build_segresnet
     else:
         from .nets.fuser_config import Fuser3DConfig
         from .nets.score_fuser import ScoreFuser
@@ -307,7 +314,7 @@ def _read_header(path: Path, label: str) -> dict[str, tuple[tuple[int, ...], str
         raise BundleError(f"{label} is truncated or not a safetensors file: {exc}") from exc
 
 
-def _check_weight_file(root: Path, role: str, name: str, sha256: str,
+def check_weight_file(root: Path, role: str, name: str, sha256: str,
                        expected: dict[str, tuple[tuple[int, ...], str]]) -> WeightFile:
     label = f"weight file {name} ({role})"
     path = bundle_file(root, name, f"the {role} weight file")
