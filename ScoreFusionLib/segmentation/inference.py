@@ -87,8 +87,10 @@ def predict_probabilities(segmenter: LoadedSegmenter, stack: np.ndarray, spacing
     target = resampled_shape(shape, spacing_ijk, m.spacing_mm)
     if target is not None:
         x = resize(x, target)
-    roi_kji = tuple(m.roi_size_ijk[::-1])
-    total = math.ceil(window_count(x.shape[2:], roi_kji, overlap) / sw_batch_size)
+    roi = tuple(m.roi_size_ijk[::-1])
+    if m.layout == "ijk":  # the network expects (C, i, j, k) tensors
+        x, roi = x.permute(0, 1, 4, 3, 2), tuple(m.roi_size_ijk)
+    total = math.ceil(window_count(x.shape[2:], roi, overlap) / sw_batch_size)
     done = [0]
 
     def predictor(window: Any) -> Any:
@@ -99,9 +101,11 @@ def predict_probabilities(segmenter: LoadedSegmenter, stack: np.ndarray, spacing
         return out
 
     with torch.inference_mode():
-        logits = sliding_window_inference(x, roi_kji, sw_batch_size, predictor, overlap=overlap, mode="gaussian",
+        logits = sliding_window_inference(x, roi, sw_batch_size, predictor, overlap=overlap, mode="gaussian",
                                           sigma_scale=0.125, padding_mode="constant", cval=0.0)
         probs = torch.sigmoid(torch.as_tensor(logits).float())
+        if m.layout == "ijk":
+            probs = probs.permute(0, 1, 4, 3, 2)
         if target is not None:
             probs = resize(probs, shape)
     return probs[0].cpu().numpy().astype(np.float32)

@@ -30,6 +30,10 @@ WEIGHTS_FILE = "segmenter.safetensors"
 #: Normalisations inference knows: z-score per channel over its nonzero voxels (MONAI's
 #: ``NormalizeIntensity(nonzero=True, channel_wise=True)``); zeros stay zero.
 NORMALIZATIONS = ("zscore-nonzero",)
+#: Spatial layout of the tensors the network was trained on: ``kji`` (this library's arrays) or
+#: ``ijk`` (nibabel/MONAI arrays, e.g. the MONAI model zoo); convolutions are not symmetric under
+#: axis reversal, so inference must feed the layout the weights expect.
+LAYOUTS = ("kji", "ijk")
 INTENDED_USE = "Research and demonstration only; not for clinical use."
 
 
@@ -46,6 +50,7 @@ class SegmenterManifest:
     overlap: float = 0.5
     threshold: float = 0.5
     normalization: str = "zscore-nonzero"
+    layout: str = "kji"
     weights_file: str = WEIGHTS_FILE
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
@@ -70,6 +75,8 @@ class SegmenterManifest:
             raise InputError(f"roi_size_ijk {list(self.roi_size_ijk)} must be three multiples of {d}")
         if self.label_convention not in CONVENTIONS:
             raise InputError(f"unknown label convention {self.label_convention!r}; use {sorted(CONVENTIONS)}")
+        if self.layout not in LAYOUTS:
+            raise InputError(f"unknown tensor layout {self.layout!r}; use {', '.join(LAYOUTS)}")
         if self.normalization not in NORMALIZATIONS:
             raise InputError(f"unknown normalization {self.normalization!r}; use {', '.join(NORMALIZATIONS)}")
         if not 0.0 <= float(self.overlap) < 1.0 or not 0.0 < float(self.threshold) < 1.0:
@@ -85,6 +92,7 @@ class SegmenterManifest:
             "channels": list(self.channels),
             "normalization": self.normalization,
             "orientation": "RAS",
+            "layout": self.layout,
             "spacing_mm": list(self.spacing_mm),
             "outputs": {"regions": list(REGION_CHANNELS), "activation": "sigmoid", "threshold": self.threshold},
             "inference": {"roi_size_ijk": list(self.roi_size_ijk), "overlap": self.overlap, "blend": "gaussian"},
@@ -116,6 +124,7 @@ class SegmenterManifest:
                 spacing_mm=tuple(d["spacing_mm"]), roi_size_ijk=tuple(d["inference"]["roi_size_ijk"]),
                 overlap=float(d["inference"].get("overlap", 0.5)), threshold=float(d["outputs"]["threshold"]),
                 label_convention=d["label_convention"], normalization=d["normalization"],
+                layout=d.get("layout", "kji"),
                 weights_file=d["weights"]["file"], weights_sha256=d["weights"]["sha256"],
                 training=dict(d.get("training", {})), metrics=dict(d.get("metrics", {})),
                 source=dict(d.get("source", {})), model=dict(d.get("model", {})),
