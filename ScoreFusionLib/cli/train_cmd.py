@@ -17,7 +17,7 @@ import textwrap
 from collections.abc import Iterator, Sequence
 
 HELP = ("train models: 'train planes' trains the axial/coronal/sagittal 2D plane models, 'train fuser' the 3D "
-        "fuser on top of them")
+        "fuser on top of them, 'train segmenter' a brain-tumour segmenter")
 
 PLANES_DESCRIPTION = textwrap.dedent(
     """\
@@ -261,7 +261,7 @@ def run_fuser(args: argparse.Namespace) -> int:
         quiet=args.quiet, command_line=shlex.join(["scorefusion", *(sys.argv[1:] if argv is None else argv)]),
     )
     is_main = world_from_env()[0] == 0
-    with _training_log(options.quiet, is_main):
+    with training_log(options.quiet, is_main):
         out = train_fuser(options)
     if is_main:
         fuser = read_manifest(out).fuser
@@ -271,8 +271,14 @@ def run_fuser(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_segmenter_parser(stages: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .train_segmenter_cmd import add_segmenter_parser
+
+    return add_segmenter_parser(stages)
+
+
 #: ``train`` stages: name -> function adding its parser.
-TRAIN_STAGES = {"planes": _add_planes_parser, "fuser": _add_fuser_parser}
+TRAIN_STAGES = {"planes": _add_planes_parser, "fuser": _add_fuser_parser, "segmenter": _add_segmenter_parser}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -298,7 +304,7 @@ class _TqdmHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def _training_log(quiet: bool, is_main: bool) -> Iterator[None]:
+def training_log(quiet: bool, is_main: bool) -> Iterator[None]:
     """Route the training logger to stderr (through tqdm) for the duration of the command."""
     log = logging.getLogger("ScoreFusionLib.train")
     saved = (log.level, log.propagate)
@@ -345,7 +351,7 @@ def run_planes(args: argparse.Namespace) -> int:
 
     options = options_from_args(args, getattr(args, "argv", None))
     is_main = world_from_env()[0] == 0
-    with _training_log(options.quiet, is_main):
+    with training_log(options.quiet, is_main):
         out = train_planes(options)
     if is_main and options.quiet:
         manifest = read_manifest(out)

@@ -80,3 +80,19 @@ def resize(tensor, shape_kji: Sequence[int]):  # (B, C, D, H, W) torch tensor ->
     import torch.nn.functional as F
 
     return F.interpolate(tensor, size=tuple(int(n) for n in shape_kji), mode="trilinear", align_corners=False)
+
+
+def zero_outside_head(volume: Volume, references: Sequence[Volume]) -> Volume:
+    """``volume`` with every voxel set to 0 where all ``references`` are 0 (outside the head).
+
+    Synthesized contrasts have no unit and a nonzero background; the segmenter normalises each
+    channel over its nonzero voxels, so a synthesized channel must share the real inputs' zero
+    background or its statistics would include air.
+    """
+    if not references:
+        raise InputError("zero_outside_head needs at least one real reference volume")
+    require_same_grid({"synthesized": volume, **{f"reference {n + 1}": r for n, r in enumerate(references)}})
+    head = np.zeros(volume.array.shape, dtype=bool)
+    for reference in references:
+        head |= np.asarray(reference.array) != 0
+    return volume.with_array(np.where(head, volume.array, 0).astype(volume.array.dtype, copy=False))

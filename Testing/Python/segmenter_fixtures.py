@@ -29,11 +29,12 @@ def make_random_segmenter(folder: Path, seed: int = 0, spacing: float = 2.0, roi
     return write_segmenter_bundle(folder, manifest, {"ema": state, "raw": state})
 
 
-def tumour_volumes(shape_kji=(20, 24, 22), spacing: float = 2.0, seed: int = 0) -> tuple[dict[str, Volume], np.ndarray]:
+def tumour_volumes(shape_kji=(20, 24, 22), spacing: float = 2.0, seed: int = 0,
+                   centre=None) -> tuple[dict[str, Volume], np.ndarray]:
     """Four contrasts of a box "head" with a spherical lesion, and its brats2023 label map."""
     rng = np.random.default_rng(seed)
     k, j, i = np.indices(shape_kji)
-    centre = np.array(shape_kji) / 2
+    centre = np.array(shape_kji) / 2 if centre is None else np.asarray(centre, dtype=float)
     r = np.sqrt((k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2)
     labels = np.zeros(shape_kji, np.uint8)
     labels[r < 5] = 2
@@ -50,3 +51,21 @@ def tumour_volumes(shape_kji=(20, 24, 22), spacing: float = 2.0, seed: int = 0) 
         a += rng.normal(0, 3, a.shape).astype(np.float32) * head
         volumes[name] = Volume(a, affine)
     return volumes, labels
+
+
+def write_tumour_cases(root: Path, n: int = 4, shape_kji=(24, 24, 24), spacing: float = 2.0) -> Path:
+    """``n`` ScoreFusionSim-layout cases (four contrasts + seg, brats2023) with lesions at random places."""
+    import nibabel as nib
+
+    for c in range(1, n + 1):
+        rng = np.random.default_rng(c)
+        centre = rng.uniform(7, np.array(shape_kji) - 7)
+        volumes, labels = tumour_volumes(shape_kji, spacing, seed=c, centre=centre)
+        cid = f"ScoreFusionSim-{c:05d}"
+        folder = root / cid
+        folder.mkdir(parents=True, exist_ok=True)
+        affine = np.diag([spacing, spacing, spacing, 1.0])
+        for name, volume in {**volumes, "seg": labels}.items():
+            array = np.transpose(np.asarray(volume.array if name != "seg" else volume), (2, 1, 0))
+            nib.save(nib.Nifti1Image(array, affine), str(folder / f"{cid}-{name}.nii.gz"))
+    return root
