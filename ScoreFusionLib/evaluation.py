@@ -247,10 +247,13 @@ def _rows_csv(rows: Sequence[dict]) -> str:
     return buffer.getvalue()
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def prepare_output_folder(out: Path, overwrite: bool, files: Sequence[str] = OUTPUT_FILES,
+                          volume_dirs: Sequence[str] = (VOLUMES_DIR,)) -> None:
     """Refuse a file or a non-empty folder unless ``overwrite``; then drop a previous run's outputs.
 
-    Removing them first means a folder never mixes the results of two runs.
+    Removing them first means a folder never mixes the results of two runs. ``files`` are the
+    run's output files and ``volume_dirs`` its sub-folders of ``*.nii.gz`` volumes (shared by
+    ``evaluate`` and ``evaluate-downstream``, which write different sets).
     """
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} exists and is not a folder")
@@ -258,12 +261,12 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise InputError(f"output folder {out} is not empty; pass --overwrite (overwrite=True) or choose another")
-    for name in OUTPUT_FILES:
+    for name in files:
         (out / name).unlink(missing_ok=True)
-    volumes = out / VOLUMES_DIR
-    if volumes.is_dir():
-        for path in volumes.glob("*.nii.gz"):
-            path.unlink()
+    for folder in volume_dirs:
+        if (out / folder).is_dir():
+            for path in (out / folder).glob("*.nii.gz"):
+                path.unlink()
 
 
 class _Evaluation:
@@ -442,7 +445,7 @@ class _Evaluation:
         from .metrics import mmd_linear
 
         if self.out is not None:
-            _prepare_out(self.out, self.options.overwrite)
+            prepare_output_folder(self.out, self.options.overwrite)
         mmd = {}
         for method in self.options.methods:
             # tee buffers at most one pair: mmd_linear alternates between its two iterables
@@ -506,6 +509,7 @@ __all__ = [
     "EvaluationReport",
     "evaluate",
     "markdown_table",
+    "prepare_output_folder",
     "summarize_rows",
     "synthesis_in_target_frame",
 ]
