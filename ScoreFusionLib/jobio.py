@@ -2,17 +2,24 @@
 
 Layout (numpy and JSON only; every matrix is IJK->RAS, never LPS)::
 
-    job.json      task, contrasts, bundle (folder, .zip or model id; + optional manifest sha256),
-                  sampling settings (samples, tile_size, max_memory_gb, ...)
+    job.json      ``kind`` (``translate``, the default when absent, or ``segment``), the input names
+                  (``contrasts``) and the kind's settings: for ``translate`` the task, the bundle
+                  (folder, .zip or model id; + optional manifest sha256) and sampling settings
+                  (samples, tile_size, max_memory_gb, ...); for ``segment`` the segmenter (``default``
+                  or a segmenter bundle folder), device, label convention (null: the segmenter's own),
+                  whether to keep the region probabilities, and the sliding-window settings
     input.npz     one float32 (k, j, i) array per contrast, plus ``ijk_to_ras`` (4x4 float64)
     cancel        created by the driver to ask the worker to stop (cooperative cancel)
-    output.npz    ``array`` (float32, (k, j, i)) and the output's OWN ``ijk_to_ras``; with several
-                  samples also ``uncertainty``, their voxel-wise standard deviation on the same grid
-    output.json   provenance of the run
+    output.npz    ``translate``: ``array`` (float32, (k, j, i)) and the output's OWN ``ijk_to_ras``;
+                  with several samples also ``uncertainty``, their voxel-wise standard deviation on
+                  the same grid. ``segment``: ``labels`` (uint8, (k, j, i), on the input grid),
+                  ``ijk_to_ras`` and, when asked for, ``probability_TC``/``_WT``/``_ET`` (float32)
+    output.json   provenance of the run (for ``segment`` also ``label_convention``)
 
 All inputs of one job share one grid (one ``ijk_to_ras``). For super-resolution the output
 grid differs from the input's, which is why ``output.npz`` carries its own matrix.
 Outputs are written atomically, so a cancelled or crashed run never leaves a partial file.
+Job folders written before ``kind`` existed read as ``translate`` jobs.
 """
 
 from __future__ import annotations
@@ -38,12 +45,48 @@ CANCEL_FILE = "cancel"
 MATRIX_KEY = "ijk_to_ras"
 ARRAY_KEY = "array"
 UNCERTAINTY_KEY = "uncertainty"
+LABELS_KEY = "labels"
+PROBABILITY_PREFIX = "probability_"
 MAX_SAMPLES = 64
 JOB_FORMAT = "scorefusion-job"
 JOB_FORMAT_VERSION = 1
 
+TRANSLATE_KIND = "translate"
+SEGMENT_KIND = "segment"
+KINDS = (TRANSLATE_KIND, SEGMENT_KIND)
 TASKS = ("super_resolve", "synthesize")
 REQUIRED_KEYS = ("task", "contrasts", "bundle")
+SEGMENT_REQUIRED_KEYS = ("contrasts",)
+#: Region probability maps a segmentation job can keep (the segmenter's output channels).
+REGIONS = ("TC", "WT", "ET")
+
+
+def _validate_contrasts(contrasts: Any) -> list[str]:
+    if (not isinstance(contrasts, (list, tuple)) or not contrasts
+            or not all(isinstance(c, str) and c.strip() for c in contrasts)):
+        raise InputError(f"job.json: 'contrasts' must be a non-empty list of names, got {contrasts!r}")
+    names = [str(c) for c in contrasts]
+    if len(set(names)) != len(names):
+        raise InputError(f"job.json: contrast names repeat: {names}")
+    if MATRIX_KEY in names:
+        raise InputError(f"job.json: {MATRIX_KEY!r} cannot be a contrast name")
+    return names
+
+
+def _check_keys(cls: Any, d: Any, required: tuple[str, ...]) -> dict:
+    if not isinstance(d, dict):
+        raise InputError(f"job.json must hold a JSON object, got {type(d).__name__}")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise InputError(f"job.json is missing the keys {missing}")
+    if "format_version" in d and d["format_version"] != JOB_FORMAT_VERSION:
+        raise InputError(f"job.json has format version {d['format_version']!r}; this worker reads "
+                         f"version {JOB_FORMAT_VERSION}")
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(d) - known - {"format", "format_version"})
+    if unknown:
+        raise InputError(f"job.json has unknown keys {unknown}")
+    return {k: v for k, v in d.items() if k in known}
 
 
 @dataclass
@@ -64,18 +107,14 @@ class JobSettings:
     samples: int = 1
     tile_size: int | None = None
     max_memory_gb: float | None = None
+    kind: str = TRANSLATE_KIND
 
     def validate(self) -> JobSettings:
+        if self.kind != TRANSLATE_KIND:
+            raise InputError(f"job.json: a translation job has kind {TRANSLATE_KIND!r}, got {self.kind!r}")
         if self.task not in TASKS:
             raise InputError(f"job.json: unknown task {self.task!r}; use one of {', '.join(TASKS)}")
-        if (not isinstance(self.contrasts, (list, tuple)) or not self.contrasts
-                or not all(isinstance(c, str) and c.strip() for c in self.contrasts)):
-            raise InputError(f"job.json: 'contrasts' must be a non-empty list of names, got {self.contrasts!r}")
-        self.contrasts = [str(c) for c in self.contrasts]
-        if len(set(self.contrasts)) != len(self.contrasts):
-            raise InputError(f"job.json: contrast names repeat: {self.contrasts}")
-        if MATRIX_KEY in self.contrasts:
-            raise InputError(f"job.json: {MATRIX_KEY!r} cannot be a contrast name")
+        self.contrasts = _validate_contrasts(self.contrasts)
         if self.task == "super_resolve" and len(self.contrasts) != 1:
             raise InputError(
                 f"job.json: a super_resolve job takes exactly one contrast (the low-resolution volume), "
@@ -116,19 +155,77 @@ class JobSettings:
 
     @classmethod
     def from_dict(cls, d: Any) -> JobSettings:
-        if not isinstance(d, dict):
-            raise InputError(f"job.json must hold a JSON object, got {type(d).__name__}")
-        missing = [k for k in REQUIRED_KEYS if k not in d]
-        if missing:
-            raise InputError(f"job.json is missing the keys {missing}")
-        if "format_version" in d and d["format_version"] != JOB_FORMAT_VERSION:
-            raise InputError(f"job.json has format version {d['format_version']!r}; this worker reads "
-                             f"version {JOB_FORMAT_VERSION}")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known - {"format", "format_version"})
-        if unknown:
-            raise InputError(f"job.json has unknown keys {unknown}")
-        return cls(**{k: v for k, v in d.items() if k in known}).validate()
+        return cls(**_check_keys(cls, d, REQUIRED_KEYS)).validate()
+
+
+@dataclass
+class SegmentJobSettings:
+    """``job.json`` of a segmentation job: the inputs' names, the segmenter and how to run it.
+
+    ``segmenter`` is ``default`` (the shipped bundle) or a segmenter bundle folder;
+    ``label_convention`` None writes the segmenter's own convention (``brats2023`` or
+    ``brats2021``); ``probabilities`` keeps the TC/WT/ET probability maps in ``output.npz``;
+    ``overlap`` None uses the segmenter's sliding-window overlap. ``synthesized`` names the inputs
+    that are generated images: their background is set to 0 wherever every real input is 0, as the
+    segmenter's per-channel normalisation expects (at least one input must be real then).
+    """
+
+    contrasts: list[str]
+    segmenter: str = "default"
+    device: str = "auto"
+    label_convention: str | None = None
+    probabilities: bool = False
+    overlap: float | None = None
+    sw_batch_size: int = 1
+    synthesized: list[str] = field(default_factory=list)
+    kind: str = SEGMENT_KIND
+
+    def validate(self) -> SegmentJobSettings:
+        from .labels import CONVENTIONS
+
+        if self.kind != SEGMENT_KIND:
+            raise InputError(f"job.json: a segmentation job has kind {SEGMENT_KIND!r}, got {self.kind!r}")
+        self.contrasts = _validate_contrasts(self.contrasts)
+        if not isinstance(self.segmenter, str) or not self.segmenter.strip():
+            raise InputError(f"job.json: 'segmenter' must be 'default' or a segmenter bundle folder, "
+                             f"got {self.segmenter!r}")
+        if not isinstance(self.device, str):
+            raise InputError(f"job.json: 'device' must be a string, got {self.device!r}")
+        if self.label_convention is not None and self.label_convention not in CONVENTIONS:
+            raise InputError(f"job.json: 'label_convention' must be null or one of {sorted(CONVENTIONS)}, "
+                             f"got {self.label_convention!r}")
+        if not isinstance(self.probabilities, bool):
+            raise InputError(f"job.json: 'probabilities' must be true or false, got {self.probabilities!r}")
+        if self.overlap is not None and (
+                isinstance(self.overlap, bool) or not isinstance(self.overlap, (int, float))
+                or not 0.0 <= self.overlap < 1.0):
+            raise InputError(f"job.json: 'overlap' must be null or a number in [0, 1), got {self.overlap!r}")
+        if isinstance(self.sw_batch_size, bool) or not isinstance(self.sw_batch_size, int) or self.sw_batch_size < 1:
+            raise InputError(f"job.json: 'sw_batch_size' must be a whole number >= 1, got {self.sw_batch_size!r}")
+        if not isinstance(self.synthesized, (list, tuple)) or not all(c in self.contrasts for c in self.synthesized):
+            raise InputError(f"job.json: 'synthesized' must list some of the contrasts {self.contrasts}, "
+                             f"got {self.synthesized!r}")
+        self.synthesized = [str(c) for c in self.synthesized]
+        if self.synthesized and set(self.synthesized) == set(self.contrasts):
+            raise InputError("job.json: at least one input must be real when others are 'synthesized'")
+        return self
+
+    def to_dict(self) -> dict:
+        return {"format": JOB_FORMAT, "format_version": JOB_FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> SegmentJobSettings:
+        return cls(**_check_keys(cls, d, SEGMENT_REQUIRED_KEYS)).validate()
+
+
+def parse_settings(d: Any) -> JobSettings | SegmentJobSettings:
+    """The settings of a ``job.json`` object, by its ``kind`` (absent: ``translate``)."""
+    kind = d.get("kind", TRANSLATE_KIND) if isinstance(d, dict) else TRANSLATE_KIND
+    if kind == SEGMENT_KIND:
+        return SegmentJobSettings.from_dict(d)
+    if kind != TRANSLATE_KIND:
+        raise InputError(f"job.json: unknown job kind {kind!r}; use one of {', '.join(KINDS)}")
+    return JobSettings.from_dict(d)
 
 
 @dataclass
@@ -136,14 +233,14 @@ class Job:
     """A job read back from its folder."""
 
     folder: Path
-    settings: JobSettings
+    settings: JobSettings | SegmentJobSettings
     volumes: dict[str, Volume] = field(default_factory=dict)
 
 
-def _settings(settings: JobSettings | dict) -> JobSettings:
-    if isinstance(settings, JobSettings):
+def _settings(settings: JobSettings | SegmentJobSettings | dict) -> JobSettings | SegmentJobSettings:
+    if isinstance(settings, (JobSettings, SegmentJobSettings)):
         return settings.validate()
-    return JobSettings.from_dict(dict(settings))
+    return parse_settings(dict(settings))
 
 
 def _check_matrix(matrix: Any, where: str) -> np.ndarray:
@@ -173,7 +270,8 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(f, **arrays)
 
 
-def write_job(folder: str | os.PathLike, volumes: dict[str, Volume], settings: JobSettings | dict) -> Path:
+def write_job(folder: str | os.PathLike, volumes: dict[str, Volume],
+              settings: JobSettings | SegmentJobSettings | dict) -> Path:
     """Create the job folder: ``input.npz`` with every contrast and the shared matrix, and ``job.json``.
 
     ``volumes`` maps each name of ``settings.contrasts`` to a :class:`Volume`; all must share
@@ -200,7 +298,7 @@ def write_job(folder: str | os.PathLike, volumes: dict[str, Volume], settings: J
     return folder
 
 
-def read_settings(folder: str | os.PathLike) -> JobSettings:
+def read_settings(folder: str | os.PathLike) -> JobSettings | SegmentJobSettings:
     """``job.json`` of ``folder``, validated."""
     path = Path(folder) / JOB_FILE
     if not path.is_file():
@@ -209,10 +307,10 @@ def read_settings(folder: str | os.PathLike) -> JobSettings:
         d = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise InputError(f"{path} is not valid JSON: {exc}") from exc
-    return JobSettings.from_dict(d)
+    return parse_settings(d)
 
 
-def read_inputs(folder: str | os.PathLike, settings: JobSettings) -> dict[str, Volume]:
+def read_inputs(folder: str | os.PathLike, settings: JobSettings | SegmentJobSettings) -> dict[str, Volume]:
     """The input volumes of ``input.npz``, validated against ``settings``."""
     path = Path(folder) / INPUT_FILE
     if not path.is_file():
@@ -322,6 +420,95 @@ def read_uncertainty(folder: str | os.PathLike) -> Volume | None:
     if arrays[UNCERTAINTY_KEY].shape != arrays[ARRAY_KEY].shape:
         raise InputError(f"{OUTPUT_FILE}: the uncertainty map's shape differs from the output's")
     return Volume(arrays[UNCERTAINTY_KEY], arrays[MATRIX_KEY])
+
+
+@dataclass
+class SegmentationOutput:
+    """What a segmentation job wrote: the label map on the input grid, optional region probabilities, provenance."""
+
+    labels: Volume
+    probabilities: dict[str, Volume]
+    provenance: dict
+
+    @property
+    def label_convention(self) -> str | None:
+        value = self.provenance.get("label_convention")
+        return str(value) if value else None
+
+
+def _check_labels(labels: Any, where: str) -> np.ndarray:
+    arr = np.asarray(labels)
+    if arr.ndim != 3 or min(arr.shape) < 1:
+        raise InputError(f"{where} must be a non-empty 3D (k, j, i) array, got shape {tuple(arr.shape)}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{where} must hold integer labels, got dtype {arr.dtype}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 255):
+        raise InputError(f"{where} must hold labels in 0..255, got {int(arr.min())}..{int(arr.max())}")
+    return arr.astype(np.uint8, copy=False)
+
+
+def write_segmentation(folder: str | os.PathLike, labels: Volume, probabilities: dict[str, Volume] | None = None,
+                       provenance: dict | None = None) -> Path:
+    """Write a segmentation job's ``output.npz`` (uint8 ``labels``, matrix [, probabilities]) and ``output.json``.
+
+    Everything is checked before anything is written, and each file is written atomically.
+    ``provenance['label_convention']``, when given, is checked against the label values.
+    Returns the path of ``output.npz``.
+    """
+    from .labels import validate_labels
+
+    folder = Path(folder)
+    if not isinstance(labels, Volume):
+        raise InputError(f"the label map must be a Volume, got {type(labels).__name__}")
+    arr = _check_labels(labels.array, "the label map")
+    provenance = dict(provenance or {})
+    if provenance.get("label_convention"):
+        validate_labels(arr, str(provenance["label_convention"]))
+    arrays = {LABELS_KEY: arr, MATRIX_KEY: np.asarray(labels.affine, dtype=np.float64)}
+    for region, volume in (probabilities or {}).items():
+        if region not in REGIONS:
+            raise InputError(f"unknown probability map {region!r}; use {', '.join(REGIONS)}")
+        prob = _check_array(volume.array, f"the {region} probability map")
+        if prob.shape != arr.shape or not np.allclose(volume.affine, labels.affine, rtol=0, atol=1e-9):
+            raise InputError(f"the {region} probability map must lie on the label map's grid")
+        arrays[PROBABILITY_PREFIX + region] = prob
+    out = folder / OUTPUT_FILE
+    _save_npz(out, arrays)
+    meta = {"kind": SEGMENT_KIND, "shape_kji": list(arr.shape), MATRIX_KEY: np.asarray(labels.affine).tolist(),
+            "probabilities": sorted(probabilities or {}), "label_convention": provenance.get("label_convention"),
+            "provenance": _jsonable(provenance)}
+    write_text_atomic(folder / OUTPUT_JSON, json.dumps(meta, indent=2, allow_nan=False) + "\n")
+    return out
+
+
+def read_segmentation(folder: str | os.PathLike) -> SegmentationOutput:
+    """The label map (uint8, (k, j, i)) with its IJK->RAS matrix, probabilities and provenance of a segmentation job."""
+    folder = Path(folder)
+    path = folder / OUTPUT_FILE
+    if not path.is_file():
+        raise InputError(f"no {OUTPUT_FILE} in the job folder {folder}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} is not a readable npz file: {exc}") from exc
+    if LABELS_KEY not in data or MATRIX_KEY not in data:
+        raise InputError(f"{path} must hold '{LABELS_KEY}' and '{MATRIX_KEY}' (is it a segmentation job's output?)")
+    labels = _check_labels(data[LABELS_KEY], f"{OUTPUT_FILE} labels")
+    matrix = _check_matrix(data[MATRIX_KEY], OUTPUT_FILE)
+    probabilities = {}
+    for region in REGIONS:
+        key = PROBABILITY_PREFIX + region
+        if key in data:
+            prob = _check_array(data[key], f"{OUTPUT_FILE} {region} probabilities")
+            if prob.shape != labels.shape:
+                raise InputError(f"{OUTPUT_FILE}: the {region} probability map's shape differs from the labels'")
+            probabilities[region] = Volume(prob, matrix)
+    provenance: dict = {}
+    meta_path = folder / OUTPUT_JSON
+    if meta_path.is_file():
+        provenance = json.loads(meta_path.read_text(encoding="utf-8")).get("provenance", {})
+    return SegmentationOutput(Volume(labels, matrix), probabilities, provenance)
 
 
 def request_cancel(folder: str | os.PathLike) -> Path:

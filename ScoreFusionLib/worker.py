@@ -9,22 +9,30 @@ Usage::
     python ScoreFusionLib/worker.py probe
     python -m ScoreFusionLib.worker ...
 
-``run`` reads the job folder (:mod:`ScoreFusionLib.jobio`; its ``bundle`` is a bundle folder, a
-bundle .zip or a registry model id, resolved by :func:`ScoreFusionLib.registry.resolve_model`, so an
-embedded model installs itself on first use), translates, writes ``output.npz`` (with the
-``uncertainty`` map when the job draws several samples) atomically and ends with ``result``
-``output.npz``. ``fetch`` installs a registry model (a download for a remote one, a copy for an
-embedded one; the job folder only holds the cancel file and is created if missing): stage
-``downloading``, byte ``progress`` (at most about ten events a second, always the last one), then
-``result`` with the installed folder's absolute path. ``import`` validates a bundle folder or .zip and
-copies it into the cache, ending the same way. All three report on stdout with the line protocol of
-:mod:`ScoreFusionLib.protocol`; stdout carries protocol lines only: Python warnings become ``warning``
-events, and anything else written to file descriptor 1 (C libraries, stray prints) goes to stderr.
+``run`` reads the job folder (:mod:`ScoreFusionLib.jobio`) and does what its ``kind`` says.
+``translate`` (the default): its ``bundle`` is a bundle folder, a bundle .zip or a registry model
+id, resolved by :func:`ScoreFusionLib.registry.resolve_model`, so an embedded model installs itself
+on first use; it translates and writes ``output.npz`` (with the ``uncertainty`` map when the job
+draws several samples). ``segment``: its ``segmenter`` is ``default`` (the shipped bundle) or a
+segmenter bundle folder; it segments the tumour
+(:func:`ScoreFusionLib.segmentation.inference.segment`) and writes the uint8 label map on the input
+grid (+ the TC/WT/ET probabilities when asked for). Both write atomically and end with ``result``
+``output.npz``. The stages are the same for both kinds; for a segmentation ``sampling`` is the
+sliding-window pass and ``progress`` counts its windows.
 
-Cancel: the driver creates ``<job>/cancel``; ``run`` checks it after every diffusion step, ``fetch``
-after every chunk; the worker stops, emits ``error kind=cancelled`` and exits 130 without writing
-any output (an interrupted download keeps its ``.part`` file, so the next fetch resumes it, but
-nothing appears under the cache's models folder).
+``fetch`` installs a registry model (a download for a remote one, a copy for an embedded one; the
+job folder only holds the cancel file and is created if missing): stage ``downloading``, byte
+``progress`` (at most about ten events a second, always the last one), then ``result`` with the
+installed folder's absolute path. ``import`` validates a bundle folder or .zip and copies it into
+the cache, ending the same way. All three report on stdout with the line protocol of
+:mod:`ScoreFusionLib.protocol`; stdout carries protocol lines only: Python warnings become
+``warning`` events, and anything else written to file descriptor 1 (C libraries, stray prints) goes
+to stderr.
+
+Cancel: the driver creates ``<job>/cancel``; ``run`` checks it after every diffusion step (or
+sliding window), ``fetch`` after every chunk; the worker stops, emits ``error kind=cancelled`` and
+exits 130 without writing any output (an interrupted download keeps its ``.part`` file, so the next
+fetch resumes it, but nothing appears under the cache's models folder).
 
 Exit codes: 0 ok; 2 input or weights problem (a bad job, an unknown or not downloaded model, a wrong
 checksum, an invalid bundle); 3 out of memory; 130 cancelled; 1 internal error.
@@ -57,6 +65,7 @@ if __package__ in (None, ""):  # run as a script: import the package from the fo
 FAKE_OOM_ENV = "SCOREFUSION_FAKE_OOM"
 OOM_HINT = ("Use fewer slices per batch (slice_batch), fewer or smaller inputs (crop an ROI), "
             "or run on the CPU.")
+SEGMENT_OOM_HINT = "Use fewer windows per call (sw_batch_size 1), crop an ROI, or run on the CPU."
 
 
 class JobCancelled(Exception):
@@ -125,7 +134,7 @@ def _settings_device(job_dir: Path, override: str | None) -> str:
 def run_job(job_dir: str | os.PathLike, device: str | None, report: Reporter) -> int:
     """Run one job; returns the exit code. Every outcome is reported as protocol events."""
     from ScoreFusionLib import protocol
-    from ScoreFusionLib.jobio import CANCEL_FILE, OUTPUT_FILE, read_job, write_output
+    from ScoreFusionLib.jobio import CANCEL_FILE, OUTPUT_FILE, read_job
 
     job_dir = Path(job_dir)
     cancel_file = job_dir / CANCEL_FILE
@@ -151,7 +160,7 @@ def run_job(job_dir: str | os.PathLike, device: str | None, report: Reporter) ->
     previous_showwarning = _route_warnings(report)
     eta = protocol.EtaEstimator()
     fake_oom = os.environ.get(FAKE_OOM_ENV, "") not in ("", "0")
-    state = {"sampling": False}
+    state: dict[str, Any] = {"sampling": False, "kind": None}
 
     def on_progress(done: int, total: int) -> None:
         if not state["sampling"]:
@@ -165,42 +174,13 @@ def run_job(job_dir: str | os.PathLike, device: str | None, report: Reporter) ->
             raise JobCancelled(f"cancelled after step {done}/{total}")
 
     try:
-        from ScoreFusionLib.bundle import read_manifest, sha256_file
-        from ScoreFusionLib.registry import resolve_model
-        from ScoreFusionLib.translate import SamplingOptions, super_resolve, synthesize
+        from ScoreFusionLib.jobio import SEGMENT_KIND
 
         report(protocol.stage("loading_weights"))
         job = read_job(job_dir)
-        s = job.settings
-        bundle = resolve_model(s.bundle)
-        read_manifest(bundle)
-        if s.bundle_sha256:
-            actual = sha256_file(bundle / "manifest.json")
-            if actual != s.bundle_sha256.lower():
-                from ScoreFusionLib.bundle import BundleError
-
-                raise BundleError(f"the bundle's manifest.json has sha256 {actual}, but the job expects "
-                                  f"{s.bundle_sha256}; the model on disk is not the one that was chosen")
-        if cancel_file.exists():
-            raise JobCancelled("cancelled before sampling")
-        report(protocol.stage("preprocessing"))
-        options = SamplingOptions(method=s.method, sampler=s.sampler, steps=s.steps, time_grid=s.time_grid,
-                                  seed=s.seed, device=device or s.device, slice_batch=s.slice_batch,
-                                  samples=s.samples, tile_size=s.tile_size, max_memory_gb=s.max_memory_gb)
-        options.validate()
-        eta.reset()
-        if s.task == "super_resolve":
-            out = super_resolve(job.volumes[s.contrasts[0]], bundle, options, progress=on_progress)
-        else:
-            out = synthesize(job.volumes, bundle, options, progress=on_progress)
-        report(protocol.stage("postprocessing"))
-        if cancel_file.exists():
-            raise JobCancelled("cancelled after sampling")
-        provenance = dict(out.provenance)
-        provenance["job"] = s.to_dict()
-        provenance["device"] = options.device
-        report(protocol.stage("writing"))
-        write_output(job_dir, out.volume, provenance, uncertainty=out.uncertainty)
+        state["kind"] = job.settings.kind
+        run_kind = _run_segmentation if job.settings.kind == SEGMENT_KIND else _run_translation
+        run_kind(job, device, cancel_file, on_progress, eta, report)
         report(protocol.result(OUTPUT_FILE))
         return protocol.EXIT_OK
     except JobCancelled as exc:
@@ -210,11 +190,89 @@ def run_job(job_dir: str | os.PathLike, device: str | None, report: Reporter) ->
     except Exception as exc:
         if _is_oom(exc):
             _free_device_memory()
-            report(protocol.error("oom", f"out of memory: {exc}", OOM_HINT))
+            hint = SEGMENT_OOM_HINT if state.get("kind") == "segment" else OOM_HINT
+            report(protocol.error("oom", f"out of memory: {exc}", hint))
             return protocol.EXIT_OOM
         return _report_failure(exc, report)
     finally:
         warnings.showwarning = previous_showwarning
+
+
+def _run_translation(job: Any, device: str | None, cancel_file: Path, on_progress: Any, eta: Any,
+                     report: Reporter) -> None:
+    """A ``translate`` job: resolve and check the bundle, translate, write ``output.npz``."""
+    from ScoreFusionLib import protocol
+    from ScoreFusionLib.bundle import read_manifest, sha256_file
+    from ScoreFusionLib.jobio import write_output
+    from ScoreFusionLib.registry import resolve_model
+    from ScoreFusionLib.translate import SamplingOptions, super_resolve, synthesize
+
+    s = job.settings
+    bundle = resolve_model(s.bundle)
+    read_manifest(bundle)
+    if s.bundle_sha256:
+        actual = sha256_file(bundle / "manifest.json")
+        if actual != s.bundle_sha256.lower():
+            from ScoreFusionLib.bundle import BundleError
+
+            raise BundleError(f"the bundle's manifest.json has sha256 {actual}, but the job expects "
+                              f"{s.bundle_sha256}; the model on disk is not the one that was chosen")
+    if cancel_file.exists():
+        raise JobCancelled("cancelled before sampling")
+    report(protocol.stage("preprocessing"))
+    options = SamplingOptions(method=s.method, sampler=s.sampler, steps=s.steps, time_grid=s.time_grid,
+                              seed=s.seed, device=device or s.device, slice_batch=s.slice_batch,
+                              samples=s.samples, tile_size=s.tile_size, max_memory_gb=s.max_memory_gb)
+    options.validate()
+    eta.reset()
+    if s.task == "super_resolve":
+        out = super_resolve(job.volumes[s.contrasts[0]], bundle, options, progress=on_progress)
+    else:
+        out = synthesize(job.volumes, bundle, options, progress=on_progress)
+    report(protocol.stage("postprocessing"))
+    if cancel_file.exists():
+        raise JobCancelled("cancelled after sampling")
+    provenance = dict(out.provenance)
+    provenance["job"] = s.to_dict()
+    provenance["device"] = options.device
+    report(protocol.stage("writing"))
+    write_output(job.folder, out.volume, provenance, uncertainty=out.uncertainty)
+
+
+def _run_segmentation(job: Any, device: str | None, cancel_file: Path, on_progress: Any, eta: Any,
+                      report: Reporter) -> None:
+    """A ``segment`` job: load the segmenter, run the sliding windows, write the label map on the input grid."""
+    from ScoreFusionLib import __version__, protocol
+    from ScoreFusionLib.jobio import write_segmentation
+    from ScoreFusionLib.segmentation.defaults import resolve_segmenter
+    from ScoreFusionLib.segmentation.inference import segment
+    from ScoreFusionLib.segmentation.model_bundle import load_segmenter
+    from ScoreFusionLib.translate import resolve_device
+
+    s = job.settings
+    chosen = resolve_device(device or s.device)
+    segmenter = load_segmenter(resolve_segmenter(s.segmenter), chosen)
+    if cancel_file.exists():
+        raise JobCancelled("cancelled before segmenting")
+    report(protocol.stage("preprocessing"))
+    eta.reset()
+    volumes = dict(job.volumes)
+    if s.synthesized:  # generated images: zero background where the real inputs are zero
+        from ScoreFusionLib.segmentation.preprocess import zero_outside_head
+
+        real = [v for name, v in volumes.items() if name not in s.synthesized]
+        volumes.update({name: zero_outside_head(volumes[name], real) for name in s.synthesized})
+    result = segment(volumes, segmenter, device=chosen, label_convention=s.label_convention, overlap=s.overlap,
+                     sw_batch_size=s.sw_batch_size, progress=on_progress)
+    report(protocol.stage("postprocessing"))
+    if cancel_file.exists():
+        raise JobCancelled("cancelled after segmenting")
+    provenance = result.provenance()
+    manifest_model = segmenter.manifest.model or {}
+    provenance.update(job=s.to_dict(), device=chosen, software=__version__, segmenter_path=str(segmenter.path),
+                      segmenter_id=str(manifest_model.get("id") or segmenter.path.name))
+    report(protocol.stage("writing"))
+    write_segmentation(job.folder, result.labels, result.probabilities if s.probabilities else None, provenance)
 
 
 def _report_failure(exc: Exception, report: Reporter) -> int:

@@ -148,6 +148,7 @@ class ScoreFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingCombos = False
         self._probe = None
         self._modelJob = None
+        self._segmentation = None
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self):
@@ -495,13 +496,45 @@ class ScoreFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selectors[model["target"]].setCurrentNode(handle.output_node)
 
     def onSegmentButton(self):
+        from ScoreFusionSlicerLib.segmentation import monai_auto3dseg_available
+
+        if self._segmentation is not None and self._segmentation.state == "running":
+            self._segmentation.cancel()
+            self.ui.segmentationBackendLabel.text = _("Cancelling the segmentation…")
+            return
         with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
             inputs = {"t1n": self.ui.segmentationT1Selector.currentNode(),
                       "t1c": self.ui.segmentationT1ceSelector.currentNode(),
                       "t2w": self.ui.segmentationT2Selector.currentNode(),
                       "t2f": self.ui.segmentationFlairSelector.currentNode()}
-            segmentation = self.logic.segmentTumour(inputs)
-            self.ui.segmentationBackendLabel.text = _("Result: {name}").format(name=segmentation.GetName())
+            if not monai_auto3dseg_available():
+                self.logic.ensureDependencies()  # ScoreFusion's segmenter runs in the worker: torch and monai
+            device = self._parameterNode.device if self._parameterNode else "auto"
+            self._segmentation = self.logic.segmentTumour(inputs, device=device, waitForCompletion=False,
+                                                          eventCallback=self.onSegmentationEvent,
+                                                          finishedCallback=self.onSegmentationFinished)
+            if self._segmentation.state == "running":
+                self.ui.segmentButton.text = _("Cancel segmentation")
+                self.ui.segmentationBackendLabel.text = _("Running the ScoreFusion segmenter…")
+
+    def onSegmentationEvent(self, event):
+        if event.get("event") == "progress":
+            self.ui.segmentationBackendLabel.text = _("ScoreFusion segmenter: window {step}/{total}").format(
+                step=event["step"], total=event["total"])
+
+    def onSegmentationFinished(self, handle):
+        self.ui.segmentButton.text = _("Segment tumour")
+        if handle.state == "done":
+            self.ui.segmentationBackendLabel.text = _("Result: {name} (back-end: {backend})").format(
+                name=handle.output_node.GetName(), backend=handle.backend)
+        elif handle.state == "cancelled":
+            self.ui.segmentationBackendLabel.text = _("Segmentation cancelled; nothing was added.")
+        else:
+            self.ui.segmentationBackendLabel.text = _("Segmentation failed; nothing was added.")
+            message = _("Segmentation failed: {error}").format(error=handle.error)
+            if handle.hint:
+                message += "\n" + handle.hint.splitlines()[-1]
+            slicer.util.errorDisplay(message)
 
     # -- models section --------------------------------------------------------------------------
     def _selectedTableModel(self):
@@ -665,31 +698,22 @@ class ScoreFusionLogic(ScriptedLoadableModuleLogic):
     def cancel(self):
         return self.processing.cancel()
 
-    def segmentTumour(self, inputNodes):
+    def segmentTumour(self, inputNodes, segmenter="default", device="auto", labelConvention=None,
+                      waitForCompletion=True, eventCallback=None, finishedCallback=None):
         """Segment a brain tumour from T1, T1ce, T2 and FLAIR volumes (one may be synthesized).
 
-        Uses MONAIAuto3DSeg's BraTS model when that extension is installed.
+        Uses MONAIAuto3DSeg's BraTS model when that extension is installed, otherwise ScoreFusion's own
+        segmenter in the worker (``segmenter``: ``default`` or a segmenter bundle folder; ``labelConvention``
+        None keeps the segmenter's own). Returns the run's handle: ``handle.backend`` names what ran,
+        ``handle.output_node`` is the segmentation once ``handle.state`` is ``done``.
         """
-        from ScoreFusionSlicerLib import segmentation
-
         missing = [name for name, node in inputNodes.items() if node is None]
         if missing:
             raise ValueError(_("Choose all four contrasts (missing: {names}).").format(names=", ".join(missing)))
-        if not segmentation.monai_auto3dseg_available():
-            raise RuntimeError(_(
-                "No tumour segmentation back-end is installed: install the MONAIAuto3DSeg extension "
-                "(BraTS models), then try again."))
-        synthesized = [name for name, node in inputNodes.items() if node.GetAttribute("ScoreFusion.task")]
-        reference = inputNodes["t2f"]
-        outputSegmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
-                                                                f"{reference.GetName()} tumour")
-        outputSegmentation.SetAttribute("ScoreFusion.synthesizedInputs", ",".join(synthesized))
-        try:
-            segmentation.run_monai_auto3dseg(inputNodes, outputSegmentation, cpu=False, wait=True)
-        except Exception:
-            slicer.mrmlScene.RemoveNode(outputSegmentation)
-            raise
-        return outputSegmentation
+        return self.processing.segment_tumour(inputNodes, segmenter=segmenter, device=device,
+                                              label_convention=labelConvention,
+                                              wait_for_completion=waitForCompletion, event_callback=eventCallback,
+                                              finished_callback=finishedCallback)
 
 
 #

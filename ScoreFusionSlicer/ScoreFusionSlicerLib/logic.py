@@ -12,6 +12,10 @@ and layout. The order of work is what keeps the scene safe:
 
 A cancelled or failed run therefore adds nothing to the scene. The job folder is deleted at the
 end unless ``keep_job_files`` is set.
+
+Tumour segmentation (:meth:`ProcessingLogic.segment_tumour`) uses the MONAIAuto3DSeg extension when
+it is installed, and otherwise a ``segment`` job of the same worker (ScoreFusion's own segmenter),
+whose label map is imported as a segmentation node by :func:`.segmentation.import_labelmap`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import slicer
+
 from . import scene_io
 from .runner import JobRunner, worker_command
 
@@ -34,6 +40,9 @@ DONE = "done"
 FAILED = "failed"
 CANCELLED = "cancelled"
 
+#: ``kind`` of a segmentation job (``ScoreFusionLib.jobio.SEGMENT_KIND``).
+SEGMENT_KIND = "segment"
+
 
 @dataclass
 class RunRequest:
@@ -42,7 +51,9 @@ class RunRequest:
     ``settings`` are the ``job.json`` fields of :class:`ScoreFusionLib.jobio.JobSettings` except
     ``contrasts`` (the keys of ``inputs``): at least ``task`` and ``bundle`` (a registry id ``id`` or
     ``id@version``, a bundle folder or a bundle ``.zip``), plus any sampling settings. They are
-    validated there, before anything starts. ``output_node`` None creates a new node.
+    validated there, before anything starts. ``output_node`` None creates a new node. A segmentation
+    request has ``kind`` ``segment`` and the fields of :class:`ScoreFusionLib.jobio.SegmentJobSettings`
+    instead (see :meth:`ProcessingLogic.segment`); its result is always a new segmentation node.
     """
 
     inputs: Mapping[str, Any]
@@ -58,8 +69,13 @@ class RunRequest:
         return {**self.settings, "contrasts": list(self.inputs)}
 
     @property
+    def kind(self) -> str:
+        """``translate`` (the default) or ``segment``."""
+        return str(self.settings.get("kind", "translate"))
+
+    @property
     def task(self) -> str:
-        return str(self.settings["task"])
+        return str(self.settings["task"]) if self.kind != SEGMENT_KIND else SEGMENT_KIND
 
     @property
     def device(self) -> str:
@@ -81,6 +97,8 @@ class JobHandle:
     output_node: Any = None
     uncertainty_node: Any = None
     provenance: dict = field(default_factory=dict)
+    #: Which back-end made the result (segmentations: ``ScoreFusion segmenter`` or ``MONAIAuto3DSeg``).
+    backend: str = ""
 
     def cancel(self) -> bool:
         """Ask the worker to stop; it is killed (with its children) if it has not stopped after the grace period."""
@@ -185,7 +203,12 @@ class ProcessingLogic:
         except Exception:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
-        handle = JobHandle(request=request, job_dir=job_dir, runner=self.runner)
+        backend = ""
+        if request.kind == SEGMENT_KIND:
+            from .segmentation import SCOREFUSION_BACKEND
+
+            backend = SCOREFUSION_BACKEND
+        handle = JobHandle(request=request, job_dir=job_dir, runner=self.runner, backend=backend)
 
         def on_event(event: dict) -> None:
             if event.get("event") == "error" and not handle.error:
@@ -240,6 +263,9 @@ class ProcessingLogic:
     def _import_result(self, handle: JobHandle) -> None:
         from ScoreFusionLib.jobio import read_output, read_uncertainty
 
+        if handle.request.kind == SEGMENT_KIND:
+            self._import_segmentation(handle)
+            return
         request = handle.request
         output, provenance = read_output(handle.job_dir)
         uncertainty = read_uncertainty(handle.job_dir)
@@ -266,3 +292,94 @@ class ProcessingLogic:
             scene_io.remove_nodes(created)
             raise
         handle.output_node, handle.uncertainty_node = node, overlay
+
+    # -- tumour segmentation ---------------------------------------------------------------------
+    def segment(self, input_nodes: Mapping[str, Any], segmenter: str | os.PathLike = "default", device: str = "auto",
+                label_convention: str | None = None, probabilities: bool = False, name: str | None = None,
+                keep_job_files: bool = False, wait_for_completion: bool = True,
+                event_callback: Callable[[dict], Any] | None = None,
+                finished_callback: Callable[[JobHandle], Any] | None = None,
+                timeout: float | None = None) -> JobHandle:
+        """Segment the tumour with ScoreFusion's own segmenter in the worker; the result is ``handle.output_node``.
+
+        ``input_nodes`` maps contrast names (``t1n``, ``t1c``, ``t2w``, ``t2f`` or aliases) to volume
+        nodes on one grid. ``segmenter`` is ``default`` (the shipped bundle) or a segmenter bundle
+        folder; ``label_convention`` None keeps the segmenter's own (``brats2023`` for the shipped
+        one), ``brats2021`` codes enhancing tumour as 4. Inputs that ScoreFusion generated get the
+        real inputs' zero background in the worker. Progress events count sliding windows.
+        Like :meth:`process`: bad requests raise before anything starts, and a failed or cancelled
+        job adds nothing to the scene.
+        """
+        from .segmentation import synthesized_inputs
+
+        synthesized = synthesized_inputs(input_nodes)
+        if len(synthesized) == len(input_nodes):  # nothing real to take the head's background from
+            synthesized = []
+        settings = {"kind": SEGMENT_KIND, "segmenter": os.fspath(segmenter), "device": device,
+                    "label_convention": label_convention, "probabilities": bool(probabilities),
+                    "synthesized": synthesized}
+        request = RunRequest(inputs=dict(input_nodes), settings=settings, output_name=name,
+                             keep_job_files=keep_job_files, show_uncertainty=False, show_side_by_side=False)
+        return self.process(request, wait_for_completion, event_callback, finished_callback, timeout)
+
+    def segment_tumour(self, input_nodes: Mapping[str, Any], segmenter: str | os.PathLike = "default",
+                       device: str = "auto", label_convention: str | None = None, name: str | None = None,
+                       keep_job_files: bool = False, wait_for_completion: bool = True,
+                       event_callback: Callable[[dict], Any] | None = None,
+                       finished_callback: Callable[[JobHandle], Any] | None = None,
+                       timeout: float | None = None) -> JobHandle:
+        """Segment with MONAIAuto3DSeg's BraTS model when that extension is installed, else with :meth:`segment`.
+
+        Either way the result is a handle whose ``backend`` names what ran and whose ``output_node``
+        is the segmentation once ``state`` is ``done``. MONAIAuto3DSeg runs to completion inside the
+        call (``segmenter`` and ``label_convention`` apply to ScoreFusion's segmenter only); its
+        ``finished_callback`` is called before this returns.
+        """
+        from . import segmentation
+
+        missing = [contrast for contrast, node in input_nodes.items() if node is None]
+        if missing:
+            raise ValueError(f"choose all four contrasts (missing: {', '.join(missing)})")
+        if not segmentation.monai_auto3dseg_available():
+            return self.segment(input_nodes, segmenter, device, label_convention, name=name,
+                                keep_job_files=keep_job_files, wait_for_completion=wait_for_completion,
+                                event_callback=event_callback, finished_callback=finished_callback, timeout=timeout)
+        if self.is_running:
+            raise RuntimeError("a ScoreFusion run is already in progress; cancel it or wait for it to finish")
+        request = RunRequest(inputs=dict(input_nodes), settings={"kind": SEGMENT_KIND, "device": device},
+                             output_name=name, show_uncertainty=False, show_side_by_side=False)
+        reference = segmentation.reference_input(input_nodes)
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{reference.GetName()} tumour")
+        attributes = segmentation.monai_attributes(input_nodes)
+        try:
+            for key, value in attributes.items():
+                node.SetAttribute(key, value)
+            segmentation.run_monai_auto3dseg(input_nodes, node, cpu=device == "cpu", wait=True)
+        except Exception:
+            scene_io.remove_nodes([node])
+            raise
+        handle = JobHandle(request=request, job_dir="", runner=self.runner, state=DONE, exit_code=0,
+                           output_node=node, backend=segmentation.MONAI_BACKEND)
+        if finished_callback is not None:
+            finished_callback(handle)
+        return handle
+
+    def _import_segmentation(self, handle: JobHandle) -> None:
+        """The worker's label map as a new segmentation node, named and coloured for its label convention."""
+        from ScoreFusionLib.jobio import read_segmentation
+
+        from . import segmentation
+
+        request = handle.request
+        result = read_segmentation(handle.job_dir)
+        handle.provenance = result.provenance
+        reference = segmentation.reference_input(request.inputs)
+        convention = result.label_convention
+        if not convention:
+            raise ValueError("the segmentation job's output does not name its label convention")
+        name = request.output_name or f"{reference.GetName()} tumour"
+        attributes = segmentation.scorefusion_attributes(result.provenance, request.inputs,
+                                                         request.settings.get("segmenter", "default"))
+        handle.output_node = segmentation.import_labelmap(result.labels.array, result.labels.affine, reference, name,
+                                                          label_names=segmentation.brats_label_names(convention),
+                                                          attributes=attributes)

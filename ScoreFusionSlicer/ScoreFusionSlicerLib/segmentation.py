@@ -4,7 +4,9 @@
 and coloured like the BraTS compartments, placed like its reference volume. The MONAIAuto3DSeg
 hand-off (:func:`run_monai_auto3dseg`) needs the Slicer application with that extension installed;
 MONAIAuto3DSeg is imported inside the function, never at file scope, and its ``process`` is not a
-declared public API, so it is wrapped here and nowhere else.
+declared public API, so it is wrapped here and nowhere else. Without it, ScoreFusion's own segmenter
+runs in the worker (:meth:`.logic.ProcessingLogic.segment_tumour`); the helpers below name its
+segments for the label convention it wrote and record what made the segmentation.
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ BRATS_LABELS: dict[int, tuple[str, tuple[float, float, float]]] = {
 _COLOR_OF_NAME = dict(BRATS_LABELS.values())
 #: Label maps are imported as unsigned 16-bit volumes.
 MAX_LABEL = 65535
+
+#: Segment names of the BraTS compartments (``ScoreFusionLib.labels`` names), whatever their label value.
+COMPARTMENT_NAMES = {"necrotic": BRATS_LABELS[1][0], "edema": BRATS_LABELS[2][0], "enhancing": BRATS_LABELS[3][0],
+                     "resection_cavity": "Resection cavity"}
+
+#: What ``ScoreFusion.segmentationBackend`` says about the back-end that made a segmentation.
+SCOREFUSION_BACKEND = "ScoreFusion segmenter"
+MONAI_BACKEND = "MONAIAuto3DSeg"
+BACKEND_ATTRIBUTE = "ScoreFusion.segmentationBackend"
+#: Comma-separated input contrasts that ScoreFusion generated (synthesized or super-resolved).
+SYNTHESIZED_ATTRIBUTE = "ScoreFusion.synthesizedInputs"
 
 #: Input ids of the MONAIAuto3DSeg BraTS models, which are also ScoreFusion's contrast names.
 BRATS_INPUT_IDS = ("t2f", "t1c", "t1n", "t2w")
@@ -118,6 +131,60 @@ def _name_segments(segmentation_node: Any, names: Mapping[int, str], expected_va
     if found != expected_values:
         raise RuntimeError(f"importing the label map gave segments for labels {sorted(found)}, "
                            f"expected {sorted(expected_values)}")
+
+
+def brats_label_names(convention: str) -> dict[int, str]:
+    """Label value -> segment name in a BraTS label convention (``brats2023``: ET 3; ``brats2021``: ET 4)."""
+    from ScoreFusionLib.labels import CONVENTIONS
+
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown label convention {convention!r}; use one of {sorted(CONVENTIONS)}")
+    return {value: COMPARTMENT_NAMES[compartment] for compartment, value in CONVENTIONS[convention].items()}
+
+
+def reference_input(input_nodes_by_contrast: Mapping[str, Any]) -> Any:
+    """The node a segmentation is named after and placed with: the FLAIR (``t2f``) if given, else the first."""
+    from ScoreFusionLib.data.records import canonical_contrast
+
+    for contrast, node in input_nodes_by_contrast.items():
+        try:
+            if canonical_contrast(contrast) == "t2f" and node is not None:
+                return node
+        except ValueError:  # a name that is no known contrast cannot be the FLAIR
+            continue
+    return next(iter(input_nodes_by_contrast.values()))
+
+
+def synthesized_inputs(input_nodes_by_contrast: Mapping[str, Any]) -> list[str]:
+    """The contrasts whose node ScoreFusion made (it carries ``ScoreFusion.task``): synthesized or super-resolved."""
+    return [contrast for contrast, node in input_nodes_by_contrast.items()
+            if node is not None and node.GetAttribute("ScoreFusion.task")]
+
+
+def scorefusion_attributes(provenance: Mapping[str, Any], input_nodes_by_contrast: Mapping[str, Any],
+                           segmenter: str = "default") -> dict[str, str]:
+    """Attributes of a segmentation made by ScoreFusion's segmenter: back-end, model, convention, inputs."""
+    model = provenance.get("segmenter") or {}
+    attrs = {
+        BACKEND_ATTRIBUTE: SCOREFUSION_BACKEND,
+        "ScoreFusion.segmenter": segmenter,
+        "ScoreFusion.segmenterId": provenance.get("segmenter_id"),
+        "ScoreFusion.segmenterSha256": model.get("weights_sha256") if isinstance(model, Mapping) else None,
+        "ScoreFusion.labelConvention": provenance.get("label_convention"),
+        "ScoreFusion.device": provenance.get("device"),
+        "ScoreFusion.version": provenance.get("software"),
+        "ScoreFusion.inputs": ",".join(input_nodes_by_contrast),
+    }
+    out = {k: str(v) for k, v in attrs.items() if v is not None and v != ""}
+    out[SYNTHESIZED_ATTRIBUTE] = ",".join(synthesized_inputs(input_nodes_by_contrast))
+    return out
+
+
+def monai_attributes(input_nodes_by_contrast: Mapping[str, Any], model_id: str = DEFAULT_MONAI_MODEL) -> dict[str, str]:
+    """Attributes of a segmentation made by MONAIAuto3DSeg."""
+    return {BACKEND_ATTRIBUTE: MONAI_BACKEND, "ScoreFusion.segmenter": model_id,
+            "ScoreFusion.inputs": ",".join(input_nodes_by_contrast),
+            SYNTHESIZED_ATTRIBUTE: ",".join(synthesized_inputs(input_nodes_by_contrast))}
 
 
 def monai_auto3dseg_available() -> bool:
