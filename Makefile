@@ -60,7 +60,7 @@ SF           := $(abspath $(VENV))/bin/scorefusion
 TRAIN_COMMON := --grid 72 88 72 --config tiny --batch-size 8 --lr 1e-3 --ema-decay 0.999 --threads 1 --device cpu --quiet
 FUSER_COMMON := --phase crops --config tiny --crop-size 24 --batch-size 2 --lr 1e-4 --loss-weighting min-snr \
                 --ema-start 20 --ema-every 1 --val-every 0 --threads 1 --device cpu --quiet
-DEFAULT_IDS  := t1-sr4-iso t1-thick4-axial t1-to-flair t1-t2-to-flair
+DEFAULT_IDS  := t1-sr4-iso t1-thick4-axial t1-to-flair t1-t2-to-flair tumour-seg-sim
 
 .PHONY: train-default $(addprefix default-,$(DEFAULT_IDS))
 
@@ -113,3 +113,14 @@ default-t1-to-flair: $(DEFAULT_WORK)/fused/t1-flair/.done
 default-t1-t2-to-flair: $(DEFAULT_WORK)/planes/t1-t2-flair/.done
 	$(SF) models pack $(<D) --out Resources/models/t1-t2-to-flair.zip --id t1-t2-to-flair \
 	    --card Resources/models/t1-t2-to-flair.md --registry Resources/models.json
+
+# The default segmenter is a plain segmenter bundle folder (not a registry zip), on the data set and
+# held-out split of the two FLAIR translation models.
+$(DEFAULT_WORK)/segmenter/tumour-seg-sim/.done: $(DEFAULT_WORK)/data/brain-tumour/.done
+	$(SF) train segmenter --data $(<D) --grid 72 88 72 --crop-size 48 --steps 1500 --batch-size 2 --lr 1e-3 \
+	    --val-every 500 --threads 2 --device cpu --quiet --model-id tumour-seg-sim \
+	    --card Resources/models/tumour-seg-sim.md --out $(@D) --overwrite && touch $@
+
+default-tumour-seg-sim: $(DEFAULT_WORK)/segmenter/tumour-seg-sim/.done
+	rm -rf Resources/models/tumour-seg-sim
+	cp -r $(<D) Resources/models/tumour-seg-sim && rm Resources/models/tumour-seg-sim/.done

@@ -49,14 +49,24 @@ def colin27_t1(shape_ijk: Sequence[int], spacing: float = 2.0, path: str = COLIN
     return crop_or_pad(volume, shape_ijk, start_ijk=start, fill=0.0)
 
 
-def simulated_contrasts(shape_ijk: Sequence[int], spacing: float = 2.0, seed: int = DEMO_SIMULATION_SEED,
-                        t1_source: str = "simulated") -> tuple[dict[str, Volume], dict]:
-    """Co-registered simulated contrasts (contrast -> Volume) of case 1 of cohort ``seed`` and its parameters.
+def simulated_case_on_grid(shape_ijk: Sequence[int], spacing: float = 2.0, seed: int = DEMO_SIMULATION_SEED,
+                           t1_source: str = "simulated") -> tuple[dict[str, Volume], Volume | None, dict]:
+    """Contrasts, tumour labels (or ``None``) and parameters of case 1 of cohort ``seed``, centred on ``shape_ijk``.
 
-    With the simulated T1 the case has a tumour; with ``t1_source="icbm"`` the t1n image is the real
-    ICBM152 T1 under the case's deformation, bias field and noise (and there is no tumour).
+    With the simulated T1 the case has a tumour (labels in ``params["label_convention"]``); with
+    ``t1_source="icbm"`` the t1n image is the real ICBM152 T1 under the case's deformation, bias
+    field and noise (and there is no tumour).
     """
     from ..simulator import simulate_case
 
     case = simulate_case(seed, 1, spacing=spacing, tumor=t1_source == "simulated", t1_source=t1_source)
-    return {name: crop_or_pad(vol, shape_ijk) for name, vol in case.images.items()}, case.params
+    images = {name: crop_or_pad(vol, shape_ijk) for name, vol in case.images.items()}
+    labels = crop_or_pad(case.labels, shape_ijk, fill=0) if case.labels is not None else None
+    return images, labels, case.params
+
+
+def simulated_contrasts(shape_ijk: Sequence[int], spacing: float = 2.0, seed: int = DEMO_SIMULATION_SEED,
+                        t1_source: str = "simulated") -> tuple[dict[str, Volume], dict]:
+    """Co-registered simulated contrasts (contrast -> Volume) of case 1 of cohort ``seed`` and its parameters."""
+    images, _, params = simulated_case_on_grid(shape_ijk, spacing, seed, t1_source)
+    return images, params

@@ -5,10 +5,13 @@ Two tasks, both on the 2 mm grid of the embedded models:
 * ``sr4``: the real ICBM152 T1 is average-pooled x4 (8 mm voxels) and brought back by trilinear
   interpolation, the plane average and Score-Fusion;
 * ``flair``: FLAIR is synthesised from the T1w of a simulated case (a cohort seed no model saw),
-  next to the best linear intensity mapping of the T1w (an oracle least-squares fit).
+  next to the best linear intensity mapping of the T1w (an oracle least-squares fit);
+* ``segment``: the default segmenter outlines that case's simulated tumour from its real T1w,
+  T1ce and T2w plus each FLAIR: the real one, zeros (a missing contrast) and every synthesis.
 
 Every volume is written with a JSON provenance sidecar; ``summary.json`` holds PSNR, SSIM and
-seconds per task and method, and ``comparison.png`` shows all of them. The output folder is
+seconds per task and method and the segmentation Dice per FLAIR source, and ``comparison.png``
+shows the translations. The output folder is
 built next to its final place and renamed into it at the end, so a failed or cancelled demo
 leaves nothing half-written.
 """
@@ -31,6 +34,8 @@ from .compare import registry_sampling as _registry_sampling
 from .figure import FigureTask, Panel, save_comparison
 
 NOT_FOR_DIAGNOSIS = "Demonstration output of research software; not for diagnosis."
+SEGMENTATION_TITLE = ("Tumour segmentation (default segmenter) of the SIMULATED flair case: real T1w, T1ce, T2w "
+                      "plus FLAIR from each source")
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,8 @@ class _Demo:
         self.figures: list[FigureTask] = []
         self.written: list[str] = []
         self.summary: dict = {}
+        self.synthesis_case: tuple | None = None
+        self.segmentation: dict = {}
 
     def _model(self, task: DemoTask) -> tuple[Any, Path, Any, str]:
         from ..bundle import read_manifest, sha256_file
@@ -153,11 +160,11 @@ class _Demo:
     def synthesis(self, task: DemoTask, folder: Path) -> None:
         from ..data.task import TaskSpec
         from ..evaluation import synthesis_in_target_frame
-        from .inputs import simulated_contrasts
+        from .inputs import simulated_case_on_grid
 
         entry, bundle, manifest, manifest_sha = self._model(task)
         spec = TaskSpec.from_dict(manifest.task)
-        images, params = simulated_contrasts(manifest.grid["shape_ijk"], float(manifest.grid["spacing"][0]))
+        images, labels, params = simulated_case_on_grid(manifest.grid["shape_ijk"], float(manifest.grid["spacing"][0]))
         methods = [LINEAR_MAP, "average"] + (["score-fusion"] if manifest.fuser else [])
         runs = compare_synthesis(images, bundle, methods, self._options_for(entry), self.progress)
         truth = images[spec.target]
@@ -173,6 +180,35 @@ class _Demo:
         panels = [Panel(f"input {spec.inputs[0]}", synthesis_in_target_frame(first, truth.array, first,
                                                                            spec.normalization), show_error=False)]
         self._record(task, folder, entry, manifest_sha, runs, source, panels, truth)
+        if labels is not None:
+            self.synthesis_case = (images, labels, params, spec.target, {m: r.volume for m, r in runs.items()
+                                                                         if m != LINEAR_MAP})
+
+    def segment(self, folder: Path) -> None:
+        """Segment the synthesis case once per FLAIR source (real, zero-filled, each model method)."""
+        from ..segmentation.defaults import resolve_segmenter
+        from ..segmentation.model_bundle import read_segmenter_manifest
+        from .segmentation_step import segment_sources
+
+        images, labels, params, target, synthesized = self.synthesis_case
+        convention = str(params["label_convention"])
+        seg_manifest = read_segmenter_manifest(resolve_segmenter("default"))
+        runs = segment_sources(images, labels, convention, target, synthesized, device=self.options.device)
+        model = {"id": seg_manifest.model.get("id", "default"), "weights_sha256": seg_manifest.weights_sha256}
+        for name, run in runs.items():
+            provenance = {"software": f"ScoreFusion {__version__}", "segmenter": model, "flair_source": name,
+                          "label_convention": convention, "dice": run.dice, "seconds": round(run.seconds, 3),
+                          "input": f"SIMULATED case (seed {params['seed']}): real t1n, t1c, t2w; {target} = {name}",
+                          "intended_use": NOT_FOR_DIAGNOSIS}
+            self._save(folder, f"labels_{name}", run.labels, provenance)
+        self._save(folder, "labels_ground_truth", labels, {"software": f"ScoreFusion {__version__}",
+                                                           "source": "the simulator's tumour labels",
+                                                           "label_convention": convention,
+                                                           "intended_use": NOT_FOR_DIAGNOSIS})
+        self.segmentation = {
+            "title": SEGMENTATION_TITLE, "segmenter": model, "label_convention": convention,
+            "sources": {name: {"dice": run.dice, "seconds": round(run.seconds, 3)} for name, run in runs.items()},
+        }
 
     def build(self, tmp: Path) -> None:
         from ..atomic import write_text_atomic
@@ -184,6 +220,10 @@ class _Demo:
                 self.super_resolution(task, folder)
             else:
                 self.synthesis(task, folder)
+        if self.synthesis_case is not None:
+            folder = tmp / "segment"
+            folder.mkdir()
+            self.segment(folder)
         width, height = save_comparison(self.figures, tmp / "comparison.png")
         self.summary = {
             "software": f"ScoreFusion {__version__}",
@@ -195,6 +235,7 @@ class _Demo:
                        "the truth (least squares; the like-for-like comparison with the oracle linear map); "
                        "seconds per method call",
             "tasks": self.rows,
+            **({"segmentation": self.segmentation} if self.segmentation else {}),
             "files": sorted(self.written),
             "comparison_png": {"file": "comparison.png", "width": width, "height": height},
             "intended_use": NOT_FOR_DIAGNOSIS,
@@ -228,7 +269,15 @@ def summary_table(summary: dict) -> str:
     legend = ("PSNR/SSIM: whole volume, result and truth mapped with the truth's min/max (synthesis: in the truth's "
               "normalised frame, as `scorefusion evaluate`); cal: after the best affine intensity map onto the truth, "
               "the like-for-like comparison with the oracle linear map")
-    return "\n".join(lines + ["", legend])
+    lines += ["", legend]
+    segmentation = summary.get("segmentation")
+    if segmentation:
+        lines += ["", f"{'segment':<7} {'FLAIR':<14} {'Dice WT':>8} {'Dice TC':>8} {'Dice ET':>8} {'seconds':>8}"]
+        for name, row in segmentation["sources"].items():
+            dice = row["dice"]
+            lines.append(f"{'':<7} {name:<14} {dice['WT']:>8.3f} {dice['TC']:>8.3f} {dice['ET']:>8.3f} "
+                         f"{row['seconds']:>8.1f}")
+    return "\n".join(lines)
 
 
 def print_report(report: DemoReport, stream: Any = None) -> None:

@@ -92,6 +92,33 @@ def test_demo_summary_and_printed_table_agree(demo_run):
     assert str(out) in stdout and "comparison.png" in stdout
 
 
+def test_demo_segments_the_tumour_with_every_flair_source(demo_run):
+    from ScoreFusionLib.metrics import region_dice
+
+    rc, out, stdout, _ = demo_run
+    summary = json.loads((out / "summary.json").read_text())
+    seg = summary["segmentation"]
+    sources = ["real", "zero-filled", "average", "score-fusion"]
+    assert list(seg["sources"]) == sources and seg["label_convention"] == "brats2023"
+    assert seg["segmenter"]["id"] == "tumour-seg-sim" and len(seg["segmenter"]["weights_sha256"]) == 64
+    written = {p.name[: -len(".nii.gz")] for p in (out / "segment").glob("*.nii.gz")}
+    assert written == {f"labels_{s}" for s in sources} | {"labels_ground_truth"}
+    truth = load_volume(out / "segment" / "labels_ground_truth.nii.gz")
+    flair_truth = load_volume(out / "flair" / "ground_truth.nii.gz")
+    assert truth.same_grid(flair_truth) and (truth.array == 3).any()  # the case has an enhancing tumour
+    for source in sources:
+        labels = load_volume(out / "segment" / f"labels_{source}.nii.gz")
+        assert labels.same_grid(truth)
+        dice = region_dice(labels.array.astype(np.uint8), truth.array.astype(np.uint8), "brats2023")
+        assert seg["sources"][source]["dice"] == pytest.approx(dice, abs=1e-4), source
+        sidecar = json.loads((out / "segment" / f"labels_{source}.json").read_text())
+        assert sidecar["flair_source"] == source and sidecar["dice"] == seg["sources"][source]["dice"]
+        row = seg["sources"][source]["dice"]
+        assert f"{source:<14} {row['WT']:>8.3f} {row['TC']:>8.3f} {row['ET']:>8.3f}" in stdout
+    # the shipped segmenter finds the tumour of this unseen case from the real contrasts
+    assert seg["sources"]["real"]["dice"]["WT"] > 0.7
+
+
 def test_demo_comparison_image_shows_every_column_and_plane(demo_run):
     _, out, _, _ = demo_run
     summary = json.loads((out / "summary.json").read_text())

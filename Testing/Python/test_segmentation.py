@@ -237,3 +237,19 @@ def test_bad_inputs_get_specific_errors(bundle):
         segment({**volumes, "flair": volumes["t2f"]}, bundle, device="cpu")
     with pytest.raises(InputError, match="overlap"):
         segment(volumes, bundle, device="cpu", overlap=1.0)
+
+
+def test_the_default_segmenter_is_shipped_valid_and_shares_the_translation_models_split(tmp_path, monkeypatch):
+    from ScoreFusionLib.bundle import read_manifest
+    from ScoreFusionLib.registry import resolve_model
+
+    path = resolve_segmenter("default")
+    manifest = validate_segmenter_bundle(path)
+    assert manifest.model["id"] == "tumour-seg-sim" and (path / manifest.model["card"]).is_file()
+    assert sum(p.stat().st_size for p in path.iterdir()) < 10 * 2**20
+    assert manifest.channels == ("t1n", "t1c", "t2w", "t2f") and manifest.label_convention == "brats2023"
+    assert min(manifest.metrics["held_out_dice"].values()) > 0.85
+    monkeypatch.setenv("SCOREFUSION_HOME", str(tmp_path))  # the embedded model is installed here
+    translation = read_manifest(resolve_model("t1-to-flair")).training
+    assert manifest.training["train_case_ids"] == translation["train_case_ids"]
+    assert not set(manifest.metrics["held_out_cases"]) & set(translation["train_case_ids"])
