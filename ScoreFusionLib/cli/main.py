@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import ScoreFusionError
-from . import demo_cmd, downstream_cmd, evaluate_cmd, models_cmd, simulate_cmd, train_cmd, translate_cmd
+from . import demo_cmd, downstream_cmd, evaluate_cmd, models_cmd, segment_cmd, simulate_cmd, train_cmd, translate_cmd
 
-SUBCOMMANDS = (simulate_cmd, train_cmd, translate_cmd, evaluate_cmd, downstream_cmd, demo_cmd, models_cmd)
+SUBCOMMANDS = (simulate_cmd, train_cmd, translate_cmd, segment_cmd, evaluate_cmd, downstream_cmd, demo_cmd, models_cmd)
 
 EXIT_USAGE_OR_INPUT = 2
 

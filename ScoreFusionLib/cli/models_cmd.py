@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-HELP = "list, download, import, remove and pack trained model bundles"
+HELP = "list, download, import, remove and pack trained model bundles; convert MONAI zoo segmenter weights"
 
 DESCRIPTION = textwrap.dedent(
     """\
@@ -35,6 +35,7 @@ EPILOG = textwrap.dedent(
       scorefusion models remove my-t1-sr
       scorefusion models pack runs/t1sr/bundle --out Resources/models/t1-sr4-iso.zip --id t1-sr4-iso \\
           --version 1.0.0 --card Resources/models/t1-sr4-iso.md --registry Resources/models.json
+      scorefusion models convert-monai-brats brats_mri_segmentation/models/model.pt --out seg-monai/
     """
 )
 
@@ -144,6 +145,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--license", help="registry license text")
     p.add_argument("--keep-raw", action="store_true", help="also pack the raw (non-EMA) weights")
     p.set_defaults(func=run_pack)
+
+    p = actions.add_parser(
+        "convert-monai-brats", help="turn MONAI zoo brats_mri_segmentation weights into a segmenter bundle",
+        formatter_class=raw,
+        description=_fill("Convert the checkpoint of the MONAI model zoo bundle brats_mri_segmentation (its "
+        "models/model.pt, which you download yourself) into a ScoreFusion segmenter bundle for `scorefusion "
+        "segment --model DIR`. The file is read with torch.load(weights_only=True) only, so a checkpoint holding "
+        "arbitrary Python objects is refused; its tensor names and shapes are checked against the zoo's "
+        "SegResNet, and the bundle records the file's sha256, the zoo's channel order (T1c, T1, T2, FLAIR), "
+        "1 mm RAS preprocessing, 240x240x160 windows and BraTS 2018 labels (1, 2, 4). The weights' licence and "
+        "the BraTS data terms remain your responsibility."),
+        epilog="example:\n  scorefusion models convert-monai-brats brats_mri_segmentation/models/model.pt "
+        "--out seg-monai/",
+    )
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="the zoo bundle's models/model.pt")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="segmenter bundle folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing segmenter bundle at DIR")
+    p.set_defaults(func=run_convert_monai_brats)
     return parser
 
 
@@ -284,4 +303,16 @@ def run_pack(args: argparse.Namespace) -> int:
     if result.entry is not None:
         print(f"updated {result.entry['id']} {result.entry['version']} in {args.registry} (url {result.entry['url']})")
     sys.stdout.flush()
+    return 0
+
+
+def run_convert_monai_brats(args: argparse.Namespace) -> int:
+    """Convert MONAI zoo weights into a segmenter bundle and say where it went."""
+    from ..segmentation.model_bundle import read_segmenter_manifest
+    from ..segmentation.zoo import convert_monai_brats
+
+    path = convert_monai_brats(args.checkpoint, args.out, overwrite=args.overwrite)
+    manifest = read_segmenter_manifest(path)
+    print(f"wrote segmenter bundle {path} (weights sha256 {manifest.weights_sha256}, from {args.checkpoint.name} "
+          f"sha256 {manifest.source['sha256']}); use it with: scorefusion segment --model {path}")
     return 0
