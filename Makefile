@@ -114,13 +114,12 @@ default-t1-t2-to-flair: $(DEFAULT_WORK)/planes/t1-t2-flair/.done
 	$(SF) models pack $(<D) --out Resources/models/t1-t2-to-flair.zip --id t1-t2-to-flair \
 	    --card Resources/models/t1-t2-to-flair.md --registry Resources/models.json
 
-# The default segmenter is a plain segmenter bundle folder (not a registry zip), on the data set and
-# held-out split of the two FLAIR translation models.
+# The default segmenter is a segmenter bundle zip (not a registry entry), trained on the data set and
+# held-out split of the two FLAIR translation models; packing keeps the EMA weights only.
 $(DEFAULT_WORK)/segmenter/tumour-seg-sim/.done: $(DEFAULT_WORK)/data/brain-tumour/.done
 	$(SF) train segmenter --data $(<D) --grid 72 88 72 --crop-size 48 --steps 1500 --batch-size 2 --lr 1e-3 \
 	    --val-every 500 --threads 2 --device cpu --quiet --model-id tumour-seg-sim \
 	    --card Resources/models/tumour-seg-sim.md --out $(@D) --overwrite && touch $@
 
 default-tumour-seg-sim: $(DEFAULT_WORK)/segmenter/tumour-seg-sim/.done
-	rm -rf Resources/models/tumour-seg-sim
-	cp -r $(<D) Resources/models/tumour-seg-sim && rm Resources/models/tumour-seg-sim/.done
+	$(SF) models pack $(<D) --out Resources/models/tumour-seg-sim.zip

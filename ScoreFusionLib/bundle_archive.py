@@ -22,12 +22,13 @@ import stat
 import struct
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .archive import safe_extract_zip
 from .atomic import atomic_path
-from .bundle import MANIFEST, WEIGHT_SETS, BundleError, Manifest, sha256_file
+from .bundle import MANIFEST, WEIGHT_SETS, BundleError, sha256_file
 from .bundle_validation import BundleReport, bundle_file, check_manifest_data, inspect_bundle, validate_bundle
 
 #: Timestamp of every packed member (the earliest a zip can store), for reproducible archives.
@@ -72,7 +73,7 @@ def pack_bundle(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".build", dir=out.parent) as work:
         build = Path(work, "bundle")
         build.mkdir()
-        new_sha = {wf.file: _write_weights(src / wf.file, build / wf.file, sets, wf.weight_sets)
+        new_sha = {wf.file: write_weight_sets(src / wf.file, build / wf.file, sets, wf.weight_sets)
                    for wf in report.files}
         data = _packed_manifest(report.data, new_sha, model)
         names = [MANIFEST, *new_sha]
@@ -87,7 +88,7 @@ def pack_bundle(
         check_manifest_data(data, f"the packed manifest of {src}")
         (build / MANIFEST).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8", newline="\n")
         with atomic_path(out, suffix=".zip") as tmp:
-            _write_zip(tmp, build, names)
+            write_reproducible_zip(tmp, build, names)
             try:
                 unpack_bundle(tmp, Path(work, "check"))
             except BundleError as exc:
@@ -95,11 +96,14 @@ def pack_bundle(
             return sha256_file(tmp)
 
 
-def unpack_bundle(archive: str | os.PathLike, dest: str | os.PathLike) -> Manifest:
+def unpack_bundle(archive: str | os.PathLike, dest: str | os.PathLike,
+                  validate: Callable[[Path], Any] = validate_bundle) -> Any:
     """Extract a bundle archive into the new folder ``dest`` and validate it; return its manifest.
 
     The bundle may sit at the archive's root or inside exactly one top-level folder. ``dest``
     appears (by one rename) only once the bundle validated; on any failure nothing is left.
+    ``validate`` checks the extracted folder and returns its manifest (translation bundles by
+    default; :func:`~ScoreFusionLib.segmentation.model_bundle.validate_segmenter_bundle` for segmenters).
 
     Raises
     ------
@@ -117,7 +121,7 @@ def unpack_bundle(archive: str | os.PathLike, dest: str | os.PathLike) -> Manife
         safe_extract_zip(archive, work / "x")
         root = _bundle_root(work / "x", archive)
         try:
-            manifest = validate_bundle(root)
+            manifest = validate(root)
         except BundleError as exc:
             message = str(exc).replace(f"{root}{os.sep}", "").replace(str(root), "the archive")
             raise BundleError(f"the bundle in {archive.name} is invalid: {message}") from exc
@@ -175,7 +179,7 @@ def _packed_manifest(data: dict, new_sha: dict[str, str], model: dict | None) ->
     return data
 
 
-def _write_weights(src: Path, dst: Path, sets: tuple[str, ...], held: tuple[str, ...]) -> str:
+def write_weight_sets(src: Path, dst: Path, sets: tuple[str, ...], held: tuple[str, ...]) -> str:
     """Copy a weight file, or rewrite it with only ``sets``; return the new file's sha256."""
     if set(held) <= set(sets):
         shutil.copyfile(src, dst)
@@ -230,7 +234,7 @@ def _copy_extra(path: Path, build: Path, taken: list[str]) -> str:
     return name
 
 
-def _write_zip(path: Path, folder: Path, names: list[str]) -> None:
+def write_reproducible_zip(path: Path, folder: Path, names: list[str]) -> None:
     """A reproducible zip: sorted members, fixed timestamp and mode, deflate."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
         for name in sorted(names):

@@ -293,7 +293,10 @@ def run_path(args: argparse.Namespace) -> int:
 def run_pack(args: argparse.Namespace) -> int:
     """Pack a bundle and report the archive's checksum (and the registry entry written)."""
     from ..registry.publish import pack_model
+    from ..segmentation.model_bundle import is_segmenter_bundle
 
+    if is_segmenter_bundle(args.bundle):
+        return _pack_segmenter(args)
     result = pack_model(
         args.bundle, args.out, model_id=args.model_id, version=args.version, title=args.title, card=args.card,
         keep_raw=args.keep_raw, registry=args.registry, url=args.url, description=args.description,
@@ -303,6 +306,22 @@ def run_pack(args: argparse.Namespace) -> int:
     if result.entry is not None:
         print(f"updated {result.entry['id']} {result.entry['version']} in {args.registry} (url {result.entry['url']})")
     sys.stdout.flush()
+    return 0
+
+
+def _pack_segmenter(args: argparse.Namespace) -> int:
+    """Segmenter bundles: EMA-only zip; their id and card come from training, and no registry lists them."""
+    from ..errors import InputError
+    from ..segmentation.packing import pack_segmenter
+
+    given = [flag for flag, value in (("--registry", args.registry), ("--id", args.model_id), ("--title", args.title),
+                                      ("--version", args.version), ("--card", args.card), ("--keep-raw", args.keep_raw))
+             if value]
+    if given:
+        raise InputError(f"{args.bundle} is a segmenter bundle: {', '.join(given)} do not apply (its id and card "
+                         "are set by 'train segmenter --model-id/--card'; segmenters are not registry models)")
+    sha = pack_segmenter(args.bundle, args.out)
+    print(f"wrote {args.out} ({args.out.stat().st_size} bytes, sha256 {sha})")
     return 0
 
 

@@ -12,7 +12,9 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..bundle import MANIFEST, BundleError, sha256_file
 from ..errors import ScoreFusionError
@@ -62,13 +64,15 @@ def _move_into_place(staging: Path, final: Path, replace: bool) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _unpack_into_place(archive: Path, final: Path, replace: bool) -> None:
+def _unpack_into_place(archive: Path, final: Path, replace: bool,
+                       validate: Callable[[Path], Any] | None = None) -> None:
     """Unpack and validate ``archive`` beside ``final``, then rename it into place."""
     from ..bundle_archive import unpack_bundle
+    from ..bundle_validation import validate_bundle
 
     staging = staging_path(final)
     try:
-        unpack_bundle(archive, staging)
+        unpack_bundle(archive, staging, validate or validate_bundle)
         _move_into_place(staging, final, replace)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -198,11 +202,14 @@ def import_bundle(
         raise
 
 
-def _resolve_zip(archive: Path) -> Path:
-    """Unpack a bundle .zip into ``archives/<sha256>/`` once; later calls reuse that folder."""
+def resolve_archive(archive: Path, validate: Callable[[Path], Any] | None = None) -> Path:
+    """Unpack a bundle .zip into ``archives/<sha256>/`` once; later calls reuse that folder.
+
+    ``validate`` checks the extracted bundle (default: a translation bundle).
+    """
     final = archives_dir() / sha256_file(archive)
     if not final.is_dir():
-        _unpack_into_place(archive, final, replace=False)
+        _unpack_into_place(archive, final, replace=False, validate=validate)
     return final
 
 
@@ -230,7 +237,7 @@ def resolve_model(
 
         if not zipfile.is_zipfile(path):
             raise BundleError(f"{path} is neither a bundle folder nor a bundle .zip")
-        return _resolve_zip(path)
+        return resolve_archive(path)
     text = os.fspath(spec)
     model_id, _, version = text.partition("@")
     if not ID_PATTERN.match(model_id) or (version and not check_version(version)):

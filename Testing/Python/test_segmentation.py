@@ -13,7 +13,7 @@ from segmenter_fixtures import make_random_segmenter, tumour_volumes
 torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
 
-from ScoreFusionLib.bundle import BundleError  # noqa: E402
+from ScoreFusionLib.bundle import BundleError, load_weights  # noqa: E402
 from ScoreFusionLib.errors import GeometryError, InputError  # noqa: E402
 from ScoreFusionLib.labels import CONVENTIONS  # noqa: E402
 from ScoreFusionLib.segmentation import inference  # noqa: E402
@@ -243,13 +243,48 @@ def test_the_default_segmenter_is_shipped_valid_and_shares_the_translation_model
     from ScoreFusionLib.bundle import read_manifest
     from ScoreFusionLib.registry import resolve_model
 
+    monkeypatch.setenv("SCOREFUSION_HOME", str(tmp_path))  # the embedded models are unpacked here
+    from ScoreFusionLib.segmentation.defaults import default_segmenter_path
+
+    assert default_segmenter_path().stat().st_size < 6 * 2**20
     path = resolve_segmenter("default")
+    assert path.is_relative_to(tmp_path) and resolve_segmenter("tumour-seg-sim") == path  # unpacked once
     manifest = validate_segmenter_bundle(path)
     assert manifest.model["id"] == "tumour-seg-sim" and (path / manifest.model["card"]).is_file()
-    assert sum(p.stat().st_size for p in path.iterdir()) < 10 * 2**20
+    assert set(load_weights(path / manifest.weights_file, "ema")) and not _has_raw(path / manifest.weights_file)
     assert manifest.channels == ("t1n", "t1c", "t2w", "t2f") and manifest.label_convention == "brats2023"
     assert min(manifest.metrics["held_out_dice"].values()) > 0.85
-    monkeypatch.setenv("SCOREFUSION_HOME", str(tmp_path))  # the embedded model is installed here
     translation = read_manifest(resolve_model("t1-to-flair")).training
     assert manifest.training["train_case_ids"] == translation["train_case_ids"]
     assert not set(manifest.metrics["held_out_cases"]) & set(translation["train_case_ids"])
+
+
+def _has_raw(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.startswith("raw/") for k in f.keys())
+
+
+def test_packing_keeps_the_ema_weights_is_reproducible_and_unpacks_validated(bundle, tmp_path, monkeypatch, capsys):
+    from ScoreFusionLib.cli.main import main
+    from ScoreFusionLib.segmentation.packing import pack_segmenter
+
+    monkeypatch.setenv("SCOREFUSION_HOME", str(tmp_path / "home"))
+    sha = pack_segmenter(bundle, tmp_path / "a.zip")
+    assert main(["models", "pack", str(bundle), "--out", str(tmp_path / "b.zip")]) == 0
+    assert (tmp_path / "a.zip").read_bytes() == (tmp_path / "b.zip").read_bytes() and sha in capsys.readouterr().out
+    unpacked = resolve_segmenter(tmp_path / "a.zip")
+    assert unpacked.parent.name == "archives" and unpacked.name == sha
+    assert not _has_raw(unpacked / "segmenter.safetensors")
+    for key, value in load_weights(bundle / "segmenter.safetensors", "ema").items():
+        assert torch.equal(load_weights(unpacked / "segmenter.safetensors", "ema")[key], value)
+    volumes, _ = tumour_volumes()
+    np.testing.assert_array_equal(segment(volumes, unpacked, device="cpu").labels.array,
+                                  segment(volumes, bundle, device="cpu").labels.array)
+    # segmenters are not registry models; a translation zip is not a segmenter
+    assert main(["models", "pack", str(bundle), "--out", str(tmp_path / "c.zip"), "--registry", "r.json"]) == 2
+    assert "segmenters are not registry models" in capsys.readouterr().err and not (tmp_path / "c.zip").exists()
+    (tmp_path / "junk.zip").write_bytes(b"not a zip")
+    with pytest.raises(BundleError, match="neither a segmenter bundle folder nor a bundle .zip"):
+        resolve_segmenter(tmp_path / "junk.zip")
