@@ -5,8 +5,8 @@ Layout (numpy and JSON only; every matrix is IJK->RAS, never LPS)::
     job.json      ``kind`` (``translate``, the default when absent, or ``segment``), the input names
                   (``contrasts``) and the kind's settings: for ``translate`` the task, the bundle
                   (folder, .zip or model id; + optional manifest sha256) and sampling settings
-                  (samples, tile_size, max_memory_gb, ...); for ``segment`` the segmenter (``default``
-                  or a segmenter bundle folder), device, label convention (null: the segmenter's own),
+                  (samples, tile_size, max_memory_gb, ...); for ``segment`` the segmenter (``default``,
+                  a segmenter bundle folder or .zip), device, label convention (null: the segmenter's own),
                   whether to keep the region probabilities, and the sliding-window settings
     input.npz     one float32 (k, j, i) array per contrast, plus ``ijk_to_ras`` (4x4 float64)
     cancel        created by the driver to ask the worker to stop (cooperative cancel)
@@ -162,7 +162,7 @@ class JobSettings:
 class SegmentJobSettings:
     """``job.json`` of a segmentation job: the inputs' names, the segmenter and how to run it.
 
-    ``segmenter`` is ``default`` (the shipped bundle) or a segmenter bundle folder;
+    ``segmenter`` is ``default`` (the shipped bundle), a segmenter bundle folder or .zip;
     ``label_convention`` None writes the segmenter's own convention (``brats2023`` or
     ``brats2021``); ``probabilities`` keeps the TC/WT/ET probability maps in ``output.npz``;
     ``overlap`` None uses the segmenter's sliding-window overlap. ``synthesized`` names the inputs
@@ -187,7 +187,7 @@ class SegmentJobSettings:
             raise InputError(f"job.json: a segmentation job has kind {SEGMENT_KIND!r}, got {self.kind!r}")
         self.contrasts = _validate_contrasts(self.contrasts)
         if not isinstance(self.segmenter, str) or not self.segmenter.strip():
-            raise InputError(f"job.json: 'segmenter' must be 'default' or a segmenter bundle folder, "
+            raise InputError(f"job.json: 'segmenter' must be 'default' or a segmenter bundle folder or .zip, "
                              f"got {self.segmenter!r}")
         if not isinstance(self.device, str):
             raise InputError(f"job.json: 'device' must be a string, got {self.device!r}")

@@ -134,7 +134,7 @@ def _settings_device(job_dir: Path, override: str | None) -> str:
 def run_job(job_dir: str | os.PathLike, device: str | None, report: Reporter) -> int:
     """Run one job; returns the exit code. Every outcome is reported as protocol events."""
     from ScoreFusionLib import protocol
-    from ScoreFusionLib.jobio import CANCEL_FILE, OUTPUT_FILE, read_job
+    from ScoreFusionLib.jobio import CANCEL_FILE, OUTPUT_FILE, SEGMENT_KIND, read_job
 
     job_dir = Path(job_dir)
     cancel_file = job_dir / CANCEL_FILE
@@ -174,8 +174,6 @@ def run_job(job_dir: str | os.PathLike, device: str | None, report: Reporter) ->
             raise JobCancelled(f"cancelled after step {done}/{total}")
 
     try:
-        from ScoreFusionLib.jobio import SEGMENT_KIND
-
         report(protocol.stage("loading_weights"))
         job = read_job(job_dir)
         state["kind"] = job.settings.kind
@@ -190,7 +188,7 @@ def run_job(job_dir: str | os.PathLike, device: str | None, report: Reporter) ->
     except Exception as exc:
         if _is_oom(exc):
             _free_device_memory()
-            hint = SEGMENT_OOM_HINT if state.get("kind") == "segment" else OOM_HINT
+            hint = SEGMENT_OOM_HINT if state["kind"] == SEGMENT_KIND else OOM_HINT
             report(protocol.error("oom", f"out of memory: {exc}", hint))
             return protocol.EXIT_OOM
         return _report_failure(exc, report)

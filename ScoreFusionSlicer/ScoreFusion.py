@@ -703,7 +703,7 @@ class ScoreFusionLogic(ScriptedLoadableModuleLogic):
         """Segment a brain tumour from T1, T1ce, T2 and FLAIR volumes (one may be synthesized).
 
         Uses MONAIAuto3DSeg's BraTS model when that extension is installed, otherwise ScoreFusion's own
-        segmenter in the worker (``segmenter``: ``default`` or a segmenter bundle folder; ``labelConvention``
+        segmenter in the worker (``segmenter``: ``default``, a segmenter bundle folder or .zip; ``labelConvention``
         None keeps the segmenter's own). Returns the run's handle: ``handle.backend`` names what ran,
         ``handle.output_node`` is the segmentation once ``handle.state`` is ``done``.
         """

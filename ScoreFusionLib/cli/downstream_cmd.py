@@ -68,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="model id, bundle folder or bundle .zip synthesising --missing (needed by average and "
                         "score-fusion); its grid and training cases also apply to the other methods")
     g.add_argument("--segmenter", default="default", metavar="S",
-                   help="segmenter bundle folder, or 'default' for the shipped one (default)")
+                   help="segmenter bundle folder or .zip, or 'default' for the shipped one (default)")
     g.add_argument("--split", default="test",
                    help="test (default): the held-out last --val-fraction of the cases sorted by id, as in "
                         "training; train: the rest; all: every case")

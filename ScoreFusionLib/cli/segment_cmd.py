@@ -60,8 +60,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("-o", "--output", required=True, type=Path, metavar="FILE",
                    help=f"label map to write ({', '.join(LABEL_SUFFIXES)}); the sidecar is FILE's name with .json")
     p.add_argument("--model", default="default", metavar="SEG",
-                   help="segmenter bundle folder (e.g. from `scorefusion models convert-monai-brats`) or 'default' "
-                   "(the shipped demonstration segmenter)")
+                   help="segmenter bundle folder (e.g. from `scorefusion models convert-monai-brats`), a segmenter "
+                   "bundle .zip, or 'default' (the shipped demonstration segmenter)")
     p.add_argument("--labels", default="auto", choices=("auto", "brats2021", "brats2023"),
                    help="label convention: brats2021 (enhancing = 4) or brats2023 (enhancing = 3); auto: from "
                    "BraTS file names (BraTS2021_* -> brats2021, BraTS-GLI-* -> brats2023), else the model's")
@@ -388,32 +388,3 @@ def _write(args: argparse.Namespace, result, provenance: dict, synthesized, synt
         raise
     if not args.quiet:
         print(f"wrote {args.output} ({provenance['label_convention']} labels) and {sidecar_path(args.output)}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``scorefusion segment ARGS`` on its own (``python -m ScoreFusionLib.cli.segment_cmd ARGS``).
-
-    Errors are handled as :func:`ScoreFusionLib.cli.main.main` handles them: a library error is
-    one line on stderr and exit code 2.
-    """
-    from ..errors import ScoreFusionError
-    from .main import EXIT_USAGE_OR_INPUT
-
-    parser = argparse.ArgumentParser(prog="scorefusion")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    add_parser(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(["segment", *argv])
-    args.argv = ["segment", *argv]
-    try:
-        return int(args.func(args) or 0)
-    except ScoreFusionError as exc:
-        print(f"scorefusion segment: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE_OR_INPUT
-    except KeyboardInterrupt:
-        print("scorefusion segment: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -89,7 +89,7 @@ class DownstreamOptions:
         ``missing``; needed by ``average``/``score-fusion``. When given, its recorded grid is
         used for every method (so runs with and without synthesis methods are comparable) and
         its training cases are refused as test cases.
-    segmenter : segmenter bundle folder or ``default`` (the shipped one).
+    segmenter : segmenter bundle folder or ``.zip``, or ``default`` (the shipped one).
     methods : names from :data:`METHODS` (a list or a comma-separated string), run in this order.
     replacement : ``other-contrast``'s stand-in; ``None``: :data:`DEFAULT_REPLACEMENT`.
     split, val_fraction, limit : as in :class:`~ScoreFusionLib.evaluation.EvaluationOptions`.

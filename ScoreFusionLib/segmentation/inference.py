@@ -121,7 +121,7 @@ def segment(volumes: Mapping[str, Volume], model: str | os.PathLike | LoadedSegm
     volumes : contrast name (``t1n``/``t1``, ``t1c``/``t1ce``, ``t2w``/``t2``, ``t2f``/``flair``) -> volume,
         all on one grid. The bundle's channels must all be present; a zero-filled volume stands for
         a missing contrast.
-    model : a segmenter bundle folder, ``"default"`` (the shipped one) or a loaded segmenter.
+    model : a segmenter bundle folder or ``.zip``, ``"default"`` (the shipped one) or a loaded segmenter.
     label_convention : ``brats2021`` (ET = 4) or ``brats2023`` (ET = 3); ``None``: the bundle's.
     overlap, sw_batch_size : sliding-window overlap (default: the bundle's) and windows per call.
     progress : called after each network call with (done, total).

@@ -226,7 +226,7 @@ def train_segmenter(options: SegmenterTrainingOptions, callback: Callable[[dict]
     out = Path(options.out)
     if out.exists() and not options.overwrite:
         raise InputError(f"{out} already exists; pass --overwrite to replace it")
-    card = Path(options.card).read_text(encoding="utf-8") if options.card else None
+    card = _read_card(options.card) if options.card else None
     ctx = init_distributed(options.device)
     saved_threads = torch.get_num_threads()
     try:
@@ -288,6 +288,14 @@ def train_segmenter(options: SegmenterTrainingOptions, callback: Callable[[dict]
         torch.set_num_threads(saved_threads)
         shutdown(ctx)
     return out.resolve()
+
+
+def _read_card(path: str | Path) -> str:
+    """The model card's text, read before training so that a bad path fails at once, not after the run."""
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the model card {path}: {exc}") from exc
 
 
 def _write(out: Path, manifest: Any, net: Any, ema: Any, card: str | None, overwrite: bool) -> None:

@@ -303,8 +303,8 @@ class ProcessingLogic:
         """Segment the tumour with ScoreFusion's own segmenter in the worker; the result is ``handle.output_node``.
 
         ``input_nodes`` maps contrast names (``t1n``, ``t1c``, ``t2w``, ``t2f`` or aliases) to volume
-        nodes on one grid. ``segmenter`` is ``default`` (the shipped bundle) or a segmenter bundle
-        folder; ``label_convention`` None keeps the segmenter's own (``brats2023`` for the shipped
+        nodes on one grid. ``segmenter`` is ``default`` (the shipped bundle), a segmenter bundle
+        folder or .zip; ``label_convention`` None keeps the segmenter's own (``brats2023`` for the shipped
         one), ``brats2021`` codes enhancing tumour as 4. Inputs that ScoreFusion generated get the
         real inputs' zero background in the worker. Progress events count sliding windows.
         Like :meth:`process`: bad requests raise before anything starts, and a failed or cancelled

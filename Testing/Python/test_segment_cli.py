@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
 
 from ScoreFusionLib.cli import segment_cmd  # noqa: E402
-from ScoreFusionLib.cli.segment_cmd import detect_label_convention, main  # noqa: E402
+from ScoreFusionLib.cli.main import main as scorefusion  # noqa: E402
+from ScoreFusionLib.cli.segment_cmd import detect_label_convention  # noqa: E402
 from ScoreFusionLib.data.task import TaskSpec  # noqa: E402
 from ScoreFusionLib.errors import InputError, VolumeFileError  # noqa: E402
 from ScoreFusionLib.segmentation import inference  # noqa: E402
@@ -48,6 +49,11 @@ def write_case(folder: Path, names: dict[str, str] = PLAIN, affine: np.ndarray =
     volumes, _ = tumour_volumes(shape_kji=(20, 24, 22), spacing=2.0, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
     return {c: save_volume(Volume(volumes[c].array, affine), folder / names[c]) for c in contrasts}
+
+
+def main(args: list[str]) -> int:
+    """``scorefusion segment ARGS`` through the real command-line entry point."""
+    return scorefusion(["segment", *args])
 
 
 def argv(files: dict[str, Path], output: Path, *extra: str) -> list[str]:

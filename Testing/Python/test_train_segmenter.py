@@ -146,6 +146,7 @@ def test_ddp_two_processes_match_one(cases, tmp_path):
         (["--channels", "t1n,dwi"], "unknown contrast"),
         (["--val-fraction", "0"], "val fraction"),
         (["--preset", "monai-brats", "--crop-size", "12"], "multiple of 8"),
+        (["--card", "no-such-card.md"], "cannot read the model card no-such-card.md"),
     ],
 )
 def test_bad_options_exit_2_and_write_nothing(cases, tmp_path, capsys, extra, message):
